@@ -1,0 +1,112 @@
+"""What every recipe declares, and the registry that resolves recipe names.
+
+A recipe is a small class: its default options (a flat dict of dotted keys), presets, how to
+build its data (train split, validation split, test and named OOD splits) and its model. The
+engine (:mod:`recipes.engine`) trains and evaluates any recipe the same way.
+
+Batches are dicts of tensors:
+  ``inputs``        model input: token ids (B, T), features (B, T, F) or clips (B, T, C, H, W)
+  ``padding_mask``  optional (B, T) bool, True marks padding (after the frontend's subsampling
+                    the model derives its own mask)
+  ``targets``       (B,) class ids for sequence tasks, or (B, T) with -100 where no answer is due
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+Config = dict[str, Any]
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad option, missing data); the CLI prints it as one line."""
+
+
+@dataclass
+class Split:
+    """One evaluation split: its data and whether it is out of distribution."""
+
+    dataset: Dataset
+    ood: bool = False
+    description: str = ""
+
+
+@dataclass
+class DataBundle:
+    """Everything the engine needs from a recipe's data.
+
+    ``splits`` holds at least ``val`` (early stopping, model selection) and ``test``; OOD splits
+    are further entries with ``ood=True``. ``info`` carries what the model needs from the data
+    (for example ``num_classes``, ``vocab_size``, ``feature_dim``, ``max_len``).
+    """
+
+    train: Dataset
+    splits: dict[str, Split]
+    collate: Callable[[list[Any]], dict[str, Any]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    skipped: int = 0  # unreadable items dropped while building the data
+
+
+class Recipe:
+    """Base class of recipes; subclasses set the class attributes and the two builders."""
+
+    name: str = ""
+    modality: str = ""  # "text", "audio", "video", "features"
+    task: str = ""  # one line: what is predicted
+    data_source: str = ""  # "generated", "download", "folder"
+    metric: str = "accuracy"  # what the tables report: "accuracy" or "error" (1 - accuracy, %)
+    defaults: Config = {}
+    presets: dict[str, Config] = {}
+    default_preset: str | None = None
+
+    def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
+        """Build (or load and cache) the datasets for a resolved config."""
+        raise NotImplementedError
+
+    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
+        """Build the model: frontend + encoder + head, position encoding from ``model.pe``.
+
+        Its ``forward(inputs, padding_mask=None)`` returns logits (B, classes) for sequence
+        tasks or (B, T, classes) for token tasks.
+        """
+        raise NotImplementedError
+
+    def split_names(self) -> list[str]:
+        """Names of the evaluation splits, for ``cope recipes``."""
+        return ["val", "test"]
+
+
+RECIPES: dict[str, type[Recipe]] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator: make a recipe resolvable by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    from recipes import catalog  # noqa: F401  (imports every recipe module, filling RECIPES)
+
+
+def list_recipes(pattern: str = "*") -> list[str]:
+    """Registered recipe names matching a shell-style wildcard, sorted."""
+    _load_all()
+    return sorted(name for name in RECIPES if fnmatch.fnmatch(name, pattern))
+
+
+def get_recipe(name: str) -> Recipe:
+    """An instance of the named recipe; an unknown name lists the known ones."""
+    _load_all()
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
+    return RECIPES[name]()

@@ -134,7 +134,7 @@ def cope_positions(
 
 
 def _position_logits(q: Tensor, pos_emb: Tensor, dtype: torch.dtype) -> Tensor:
-    """z_i[n] = q_i . e[n], (B, H, T, rows), for a shared (rows, D) or per-head (H, rows, D) table."""
+    """z_i[n] = q_i . e[n], (B, H, T, rows); the table is (rows, D) shared or (H, rows, D)."""
     table = pos_emb.to(dtype)
     if table.dim() == 2:
         return q.to(dtype) @ table.transpose(0, 1)

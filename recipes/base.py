@@ -14,9 +14,10 @@ Batches are dicts of tensors:
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -110,3 +111,48 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
     return RECIPES[name]()
+
+
+def pad_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack dataset items, padding variable-length ``inputs`` along time (dim 0) with zeros.
+
+    Adds ``padding_mask`` (B, T), True at padding, when lengths differ; (T,)-shaped ``targets``
+    are padded with IGNORE_INDEX. Other tensor fields of equal shape are stacked as they are.
+    """
+    import torch
+
+    lengths = [item["inputs"].shape[0] for item in items]
+    longest = max(lengths)
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if not isinstance(values[0], torch.Tensor):
+            batch[key] = torch.as_tensor(values)
+            continue
+        if key == "inputs" or (key == "targets" and values[0].dim() >= 1):
+            fill = 0 if key == "inputs" else IGNORE_INDEX
+            padded = values[0].new_full((len(values), longest, *values[0].shape[1:]), fill)
+            for row, value in enumerate(values):
+                padded[row, : value.shape[0]] = value
+            batch[key] = padded
+        else:
+            batch[key] = torch.stack(values)
+    if len(set(lengths)) > 1:
+        positions = torch.arange(longest)[None, :]
+        batch["padding_mask"] = positions >= torch.as_tensor(lengths)[:, None]
+    return batch
+
+
+def encoder_config(config: Config) -> Any:
+    """The :class:`encoders.transformer.EncoderConfig` described by a config's ``model.*`` keys."""
+    import dataclasses
+
+    from encoders.transformer import EncoderConfig
+
+    names = {f.name for f in dataclasses.fields(EncoderConfig)}
+    values = {
+        key.removeprefix("model."): value
+        for key, value in config.items()
+        if key.startswith("model.")
+    }
+    return EncoderConfig(**{key: value for key, value in values.items() if key in names})

@@ -79,6 +79,20 @@ class Recipe:
         """
         raise NotImplementedError
 
+    def download(self, data_dir: Path) -> Path:
+        """Fetch the recipe's dataset into ``data_dir`` (``--download``, ``cope data``)."""
+        raise UserError(f"recipe {self.name!r} has nothing to download")
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
+        """What ``cope positions`` draws beside the heatmaps for one dataset item, or None.
+
+        Keys: ``kind`` ("spectrogram": ``image`` (features, frames); "frames": ``image``
+        (frames, H, W); "tokens": ``labels`` list of str), ``tokens_per_frame`` (model tokens per
+        frame of ``image``, e.g. 0.5 when two frames are stacked), ``onsets`` (token indices
+        where true events start, when known).
+        """
+        return None
+
     def split_names(self) -> list[str]:
         """Names of the evaluation splits, for ``cope recipes``."""
         return ["val", "test"]

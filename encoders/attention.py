@@ -1,0 +1,132 @@
+"""Multi-head self-attention that takes any position encoding from :mod:`encoders.positions`.
+
+The encoding acts only through its interface: ``rotate`` q/k, add ``score_bias`` to the scores,
+or, when it ``replaces_kernel`` (CoPE), compute attention itself. Everything else goes through
+``torch.nn.functional.scaled_dot_product_attention`` (a float mask carries ALiBi/T5 biases), or,
+while recording, through the explicit softmax written beside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from encoders.cope import attention_mask
+from encoders.positions import PositionEncoding
+
+
+def line_coords(length: int, device: torch.device) -> Tensor:
+    """1-D coordinates (T, 1) = arange(T): what ``coords=None`` means."""
+    return torch.arange(length, device=device)[:, None]
+
+
+def explicit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d) + bias) v written out; returns (output, weights (B, H, T, T)).
+
+    A query with no allowed key outputs zeros (weights 0), as in the CoPE reference.
+    """
+    allowed = attention_mask(
+        q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask, device=q.device
+    )
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    weights = weights.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return weights @ v, weights
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The same attention through PyTorch's fused ``scaled_dot_product_attention``."""
+    if bias is None and key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    allowed = attention_mask(
+        q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask, device=q.device
+    )
+    if bias is None:
+        mask = allowed
+    else:
+        # A float mask must have the query's dtype (bf16 under autocast).
+        mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention over (B, T, dim) with a pluggable per-layer position encoding.
+
+    While ``record`` is on, ``last_record`` holds ``{"attention": (B, H, T, T), "positions":
+    (B, H, T, T) or None}`` from the latest forward (positions: CoPE's contextual positions).
+    No dropout on attention weights: CoPE's kernel has none, and every encoding must train
+    under the same regularisation (the blocks drop out on their residual branches).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        positions: PositionEncoding,
+        *,
+        causal: bool,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model dim {dim} is not divisible by {heads} heads")
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.positions = positions
+        self.record = False
+        self.last_record: dict[str, Tensor | None] | None = None
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None."""
+        if coords is None:
+            coords = line_coords(x.shape[1], x.device)
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        q, k = self.positions.rotate(q, k, coords)
+        positions = None
+        if self.positions.replaces_kernel:
+            out, weights, positions = self.positions.attend(
+                q, k, v, key_padding_mask=padding_mask, record=self.record
+            )
+        else:
+            bias = self.positions.score_bias(coords)
+            if self.record:
+                out, weights = explicit_attention(
+                    q, k, v, causal=self.causal, key_padding_mask=padding_mask, bias=bias
+                )
+            else:
+                out = fused_attention(
+                    q, k, v, causal=self.causal, key_padding_mask=padding_mask, bias=bias
+                )
+                weights = None
+        if self.record:
+            self.last_record = {
+                "attention": weights.detach(),
+                "positions": None if positions is None else positions.detach(),
+            }
+        return self.out(rearrange(out.to(x.dtype), "b h t d -> b t (h d)"))

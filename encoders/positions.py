@@ -1,0 +1,368 @@
+"""The position-encoding zoo behind one interface, and its registry.
+
+Every encoding is one :class:`PositionEncoding` subclass plus one registry line. It says where it
+acts through four hooks that :mod:`encoders.attention` calls for every encoding alike:
+
+- ``input_encoding(spec)`` (class method): a model-level module added to the encoder's input
+  (``abs``, ``sin``), built once per model; None for the others.
+- ``rotate(q, k, coords)``: rotates queries and keys before the scores (``rope``, ``cope+rope``).
+- ``score_bias(coords)``: an additive (heads, T, T) bias on the scores (``alibi``, ``rel``).
+- ``replaces_kernel`` / ``attend(...)``: the encoding computes attention itself (``cope``).
+
+An instance is built per attention layer and holds that layer's state (a CoPE table, the T5
+bucket biases); model-level state (the learned absolute table) lives in the input module.
+
+Coordinates: ``coords`` is (T, n_axes) long, the position of each token along each axis (1-D
+sequences: (T, 1) = arange). Only ``rope`` uses several axes (axial: the head dimension is split
+evenly across the axes); ``alibi`` and ``rel`` use the single axis of 1-D coordinates and the flat
+token index otherwise; ``abs`` and ``sin`` always use the flat token index.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from encoders.cope import CoPE, compute_dtype, reference_cope_attention
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """What an encoding needs to know about the model it is built for."""
+
+    dim: int
+    heads: int
+    causal: bool
+    max_len: int
+    npos: int  # CoPE position cap (its table has npos rows, 2*npos-1 when bidirectional)
+    cope_per_head: bool = False
+    cope_impl: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+class PositionEncoding(nn.Module):
+    """Base class: one attention layer's position encoding; by itself it does nothing (NoPE)."""
+
+    replaces_kernel: bool = False
+
+    def __init__(self, spec: PositionSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    @classmethod
+    def input_encoding(cls, spec: PositionSpec) -> nn.Module | None:
+        """A model-level module ``forward(x, coords) -> x`` applied to the input, or None."""
+        return None
+
+    def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys (B, H, T, D) after any rotation; identity by default."""
+        return q, k
+
+    def score_bias(self, coords: Tensor) -> Tensor | None:
+        """An additive bias (H, T, T) on the scaled scores, or None."""
+        return None
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        record: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Attention computed by the encoding: (output, weights if record, positions if record)."""
+        raise NotImplementedError(f"{type(self).__name__} does not replace the attention kernel")
+
+
+POSITION_ENCODINGS: dict[str, type[PositionEncoding]] = {}
+
+
+def register_position_encoding(name: str):
+    """Class decorator: make an encoding resolvable by ``name`` (``--pe NAME``)."""
+
+    def register(cls: type[PositionEncoding]) -> type[PositionEncoding]:
+        POSITION_ENCODINGS[name] = cls
+        cls.name = name
+        return cls
+
+    return register
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def list_position_encodings(pattern: str = "*") -> list[str]:
+    """Registered encoding names matching a shell-style wildcard, naturally sorted."""
+    names = [name for name in POSITION_ENCODINGS if fnmatch.fnmatch(name, pattern)]
+    return sorted(names, key=_natural_key)
+
+
+def get_position_encoding(name: str) -> type[PositionEncoding]:
+    """The encoding class registered as ``name``; unknown names raise with the valid ones."""
+    if name not in POSITION_ENCODINGS:
+        raise ValueError(
+            f"unknown position encoding {name!r}; choose one of: "
+            f"{', '.join(list_position_encodings())}"
+        )
+    return POSITION_ENCODINGS[name]
+
+
+def flat_positions(coords: Tensor) -> Tensor:
+    """1-D positions (T,): the single axis of 1-D coordinates, else the flat token index."""
+    if coords.shape[1] == 1:
+        return coords[:, 0]
+    return torch.arange(coords.shape[0], device=coords.device)
+
+
+# --------------------------------------------------------------------------- input encodings
+
+
+class LearnedAbsolute(nn.Module):
+    """A learned vector per token index, added to the input (max_len + 1 rows: room for a CLS)."""
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(max_len + 1, dim) * 0.02)
+
+    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
+        length = x.shape[1]
+        if length > self.table.shape[0]:
+            raise ValueError(
+                f"sequence of {length} tokens is longer than the learned absolute table "
+                f"({self.table.shape[0]} rows); raise model.max_len"
+            )
+        return x + self.table[:length].to(x.dtype)
+
+
+def sinusoidal_table(length: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """The Transformer's fixed sin/cos table (length, dim) (Vaswani et al. 2017, Sec. 3.5)."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
+    return table
+
+
+class Sinusoidal(nn.Module):
+    """The fixed sinusoidal table added to the input; works at any length."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
+        return x + sinusoidal_table(x.shape[1], self.dim, x.device).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rotary_split(head_dim: int, axes: int) -> int:
+    """Head dimensions rotated per axis (even); any remainder is left unrotated."""
+    per_axis = 2 * (head_dim // (2 * axes))
+    if per_axis == 0:
+        raise ValueError(f"head dim {head_dim} is too small for axial RoPE over {axes} axes")
+    return per_axis
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: Tensor, coords: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotate (B, H, T, D) by coordinates (T, n_axes): axis a rotates its own slice of D.
+
+    RoPE (Su et al. 2021) with the GPT-NeoX half-split pairing, axial when n_axes > 1.
+    """
+    head_dim = x.shape[-1]
+    axes = coords.shape[1]
+    per_axis = rotary_split(head_dim, axes)
+    dtype = compute_dtype(x)  # angles in float32 at least: bf16 angles lose whole turns
+    frequency = base ** (
+        -torch.arange(0, per_axis, 2, device=x.device, dtype=dtype) / per_axis
+    )  # (per_axis / 2,)
+    pieces = []
+    for axis in range(axes):
+        part = x[..., axis * per_axis : (axis + 1) * per_axis].to(dtype)
+        angle = coords[:, axis, None].to(dtype) * frequency  # (T, per_axis / 2)
+        angle = torch.cat((angle, angle), dim=-1)  # (T, per_axis)
+        pieces.append(part * angle.cos() + _rotate_half(part) * angle.sin())
+    pieces.append(x[..., axes * per_axis :].to(dtype))
+    return torch.cat(pieces, dim=-1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- the zoo
+
+
+@register_position_encoding("nope")
+class NoPositions(PositionEncoding):
+    """No position information at all (a causal mask still leaks some)."""
+
+
+@register_position_encoding("abs")
+class AbsolutePositions(PositionEncoding):
+    """Learned absolute positions added to the input (one table for the model)."""
+
+    @classmethod
+    def input_encoding(cls, spec: PositionSpec) -> nn.Module:
+        return LearnedAbsolute(spec.max_len, spec.dim)
+
+
+@register_position_encoding("sin")
+class SinusoidalPositions(PositionEncoding):
+    """Fixed sinusoidal positions added to the input."""
+
+    @classmethod
+    def input_encoding(cls, spec: PositionSpec) -> nn.Module:
+        return Sinusoidal(spec.dim)
+
+
+@register_position_encoding("rope")
+class RotaryPositions(PositionEncoding):
+    """RoPE on queries and keys; axial (head dim split across axes) for multi-axis coords."""
+
+    def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rope(q, coords), apply_rope(k, coords)
+
+
+def alibi_slopes(heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence from 2^(-8/heads)."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return torch.tensor(power_of_two_slopes(heads))
+    # The authors' recipe for other head counts: the closest power of two, then every other
+    # slope of the next one.
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2]
+    return torch.tensor(slopes[:heads])
+
+
+@register_position_encoding("alibi")
+class AlibiPositions(PositionEncoding):
+    """ALiBi: a per-head linear penalty on distance (symmetric |i-j| when bidirectional)."""
+
+    def __init__(self, spec: PositionSpec) -> None:
+        super().__init__(spec)
+        self.register_buffer("slopes", alibi_slopes(spec.heads), persistent=False)
+
+    def score_bias(self, coords: Tensor) -> Tensor:
+        positions = flat_positions(coords)
+        distance = (positions[:, None] - positions[None, :]).float()  # i - j, (T, T)
+        if not self.spec.causal:
+            distance = distance.abs()
+        return -self.slopes[:, None, None] * distance  # (heads, T, T)
+
+
+def t5_relative_buckets(
+    relative_position: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Tensor:
+    """T5's log-spaced bucket of each key-minus-query offset (Raffel et al. 2020, Mesh TF code)."""
+    bucket = torch.zeros_like(relative_position)
+    distance = -relative_position  # query - key: positive for keys in the past
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (distance < 0).long() * num_buckets
+        distance = distance.abs()
+    else:
+        distance = distance.clamp(min=0)
+    exact = num_buckets // 2
+    is_small = distance < exact
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return bucket + torch.where(is_small, distance, large)
+
+
+@register_position_encoding("rel")
+class T5RelativePositions(PositionEncoding):
+    """T5 bucketed relative bias: a learned scalar per (bucket, head), one table per layer."""
+
+    num_buckets = 32
+    max_distance = 128
+
+    def __init__(self, spec: PositionSpec) -> None:
+        super().__init__(spec)
+        # Zero init: the layer starts as NoPE and learns which offsets matter.
+        self.bias = nn.Parameter(torch.zeros(self.num_buckets, spec.heads))
+
+    def score_bias(self, coords: Tensor) -> Tensor:
+        positions = flat_positions(coords)
+        relative = positions[None, :] - positions[:, None]  # key - query, (T, T)
+        buckets = t5_relative_buckets(
+            relative,
+            bidirectional=not self.spec.causal,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        return self.bias[buckets].permute(2, 0, 1)  # (heads, T, T)
+
+
+@register_position_encoding("cope")
+class ContextualPositions(PositionEncoding):
+    """CoPE: gated, context-dependent positions; replaces the attention kernel.
+
+    One table per layer shared by the heads (or per head), zero-initialised, npos rows when
+    causal and 2*npos-1 signed rows when bidirectional (see :mod:`encoders.cope`).
+    """
+
+    replaces_kernel = True
+
+    def __init__(self, spec: PositionSpec) -> None:
+        super().__init__(spec)
+        self.cope = CoPE(
+            spec.npos,
+            spec.head_dim,
+            heads=spec.heads,
+            per_head=spec.cope_per_head,
+            causal=spec.causal,
+            impl=spec.cope_impl,
+        )
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        record: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if record:
+            # The reference is the one path that keeps weights and positions to show.
+            out, weights, positions = reference_cope_attention(
+                q,
+                k,
+                v,
+                self.cope.pos_emb,
+                causal=self.spec.causal,
+                key_padding_mask=key_padding_mask,
+                return_weights=True,
+            )
+            return out, weights, positions
+        return self.cope(q, k, v, key_padding_mask=key_padding_mask), None, None
+
+
+@register_position_encoding("cope+rope")
+class ContextualRotaryPositions(ContextualPositions):
+    """RoPE-rotated queries and keys, then CoPE on the rotated pair."""
+
+    def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rope(q, coords), apply_rope(k, coords)

@@ -1,0 +1,252 @@
+"""Transformer encoder blocks and the two heads: a sequence classifier and a token classifier.
+
+``Encoder(config)`` maps (B, T, dim) to (B, T, dim) with the position encoding named by
+``config.pe``; ``SequenceClassifier`` and ``TokenClassifier`` put a frontend
+(:mod:`encoders.frontends`) in front of it and a linear head behind it.
+
+Readout of ``SequenceClassifier`` with ``pooling="cls"``:
+
+- bidirectional: a learned CLS token is prepended. It sits at coordinate 0 on every axis and
+  the frontend's tokens move up by one (1-D: CLS 0, tokens 1..T; with ``coords`` every axis is
+  shifted by +1), so relative encodings see the CLS just before the first token on each axis.
+- causal: a prepended token would see nothing, so the readout token is placed right after each
+  sequence's last real token (index = its length) where it sees the whole sequence; its
+  coordinate is that index (1-D) or one past the last token on every axis (``coords``).
+
+``pooling="mean"`` averages the encoder outputs over the real (unpadded) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from encoders.attention import MultiHeadAttention
+from encoders.positions import PositionSpec, get_position_encoding
+
+
+@dataclass
+class EncoderConfig:
+    """Shape and options of an encoder (the ``model.*`` keys of a run's config)."""
+
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 256
+    dropout: float = 0.0
+    norm: str = "pre"  # "pre" | "post"
+    causal: bool = False
+    pe: str = "cope"
+    max_len: int = 512
+    npos: int | None = None  # CoPE cap; None -> max_len + 1 when causal, else max_len
+    cope_per_head: bool = False
+    cope_impl: str = "auto"
+    pooling: str = "cls"  # "cls" | "mean"
+    grid: tuple[int, ...] | None = None  # row-major token layout for axial coords (see Encoder)
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.grid is not None:
+            self.grid = tuple(int(size) for size in self.grid)  # TOML/JSON give lists
+        get_position_encoding(self.pe)  # fail early, listing the valid names
+
+    @property
+    def resolved_npos(self) -> int:
+        """CoPE's position cap: ``npos`` or its default (paper: max length + 1 when causal)."""
+        if self.npos is not None:
+            return self.npos
+        return self.max_len + 1 if self.causal else self.max_len
+
+    def position_spec(self) -> PositionSpec:
+        """What the position encodings need from this config."""
+        return PositionSpec(
+            dim=self.dim,
+            heads=self.heads,
+            causal=self.causal,
+            max_len=self.max_len,
+            npos=self.resolved_npos,
+            cope_per_head=self.cope_per_head,
+            cope_impl=self.cope_impl,
+        )
+
+
+def grid_coords(length: int, grid: tuple[int, ...], device: torch.device) -> Tensor:
+    """Coordinates (length, len(grid)) of a row-major token layout; axis 0 may run past grid[0]."""
+    index = torch.arange(length, device=device)
+    coords = []
+    for size in reversed(grid[1:]):
+        coords.append(index % size)
+        index = index // size
+    coords.append(index)
+    return torch.stack(coords[::-1], dim=1)
+
+
+class FeedForward(nn.Sequential):
+    """The block's MLP: Linear, GELU, dropout, Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+
+class Block(nn.Module):
+    """One encoder layer; pre-norm (norm inside the residual) or post-norm (after the sum)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        positions = get_position_encoding(config.pe)(config.position_spec())
+        self.attention = MultiHeadAttention(
+            config.dim, config.heads, positions, causal=config.causal
+        )
+        self.feed_forward = FeedForward(config.dim, config.mlp_dim, config.dropout)
+        self.norm_attention = nn.LayerNorm(config.dim)
+        self.norm_feed_forward = nn.LayerNorm(config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.pre_norm = config.norm == "pre"
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, coords: Tensor | None) -> Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.norm_attention(x), padding_mask, coords))
+            return x + self.dropout(self.feed_forward(self.norm_feed_forward(x)))
+        x = self.norm_attention(x + self.dropout(self.attention(x, padding_mask, coords)))
+        return self.norm_feed_forward(x + self.dropout(self.feed_forward(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks over (B, T, dim) with the position encoding ``config.pe``.
+
+    ``coords`` (T, n_axes) long gives each token's position per axis; None means the flat index,
+    or, when ``config.grid`` is set, the row-major layout over that grid (:func:`grid_coords`).
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        encoding = get_position_encoding(config.pe)
+        self.input_positions = encoding.input_encoding(config.position_spec())
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
+
+    def resolve_coords(self, length: int, coords: Tensor | None, device: torch.device):
+        """The coordinates the encoder will use: given ones, grid ones, or None (flat index)."""
+        if coords is None and self.config.grid is not None:
+            return grid_coords(length, self.config.grid, device)
+        return coords
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None."""
+        coords = self.resolve_coords(x.shape[1], coords, x.device)
+        if self.input_positions is not None:
+            x = self.input_positions(x, coords)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, padding_mask, coords)
+        return self.final_norm(x)
+
+
+def _project(frontend_dim: int, dim: int) -> nn.Module:
+    return nn.Identity() if frontend_dim == dim else nn.Linear(frontend_dim, dim)
+
+
+def masked_mean(x: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Mean over time of (B, T, dim), ignoring padded steps."""
+    if padding_mask is None:
+        return x.mean(dim=1)
+    keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+
+
+class SequenceClassifier(nn.Module):
+    """frontend -> encoder -> one vector per sequence (CLS/readout token or mean) -> logits."""
+
+    def __init__(self, frontend: nn.Module, config: EncoderConfig, num_classes: int) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.config = config
+        self.project = _project(frontend.dim, config.dim)
+        self.encoder = Encoder(config)
+        self.cls_token = nn.Parameter(torch.randn(config.dim) * 0.02)
+        self.head = nn.Linear(config.dim, num_classes)
+
+    def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, num_classes)."""
+        front = self.frontend(inputs, padding_mask)
+        tokens, mask = self.project(front.tokens), front.padding_mask
+        coords = self.encoder.resolve_coords(tokens.shape[1], front.coords, tokens.device)
+        if self.config.pooling == "mean":
+            return self.head(masked_mean(self.encoder(tokens, mask, coords), mask))
+        if self.config.causal:
+            return self._causal_readout(tokens, mask, coords)
+        batch = tokens.shape[0]
+        tokens = torch.cat((self.cls_token.to(tokens.dtype).expand(batch, 1, -1), tokens), dim=1)
+        if mask is not None:
+            mask = torch.cat((mask.new_zeros(batch, 1), mask), dim=1)
+        if coords is not None:  # CLS at 0 on every axis, tokens shifted by one
+            coords = torch.cat((coords.new_zeros(1, coords.shape[1]), coords + 1), dim=0)
+        return self.head(self.encoder(tokens, mask, coords)[:, 0])
+
+    def _causal_readout(self, tokens: Tensor, mask: Tensor | None, coords: Tensor | None):
+        """Put the readout token right after each sequence's last real token and read it."""
+        batch, length, _ = tokens.shape
+        lengths = (
+            torch.full((batch,), length, device=tokens.device)
+            if mask is None
+            else (~mask).sum(dim=1)
+        )
+        tokens = torch.cat((tokens, tokens.new_zeros(batch, 1, tokens.shape[2])), dim=1)
+        rows = torch.arange(batch, device=tokens.device)
+        readout = self.cls_token.to(tokens.dtype).expand(batch, -1)
+        tokens = tokens.index_put((rows, lengths), readout)
+        steps = torch.arange(length + 1, device=tokens.device)
+        extended_mask = steps[None, :] > lengths[:, None] if mask is not None else None
+        if coords is not None:
+            coords = torch.cat((coords, coords.max(dim=0, keepdim=True).values + 1), dim=0)
+        encoded = self.encoder(tokens, extended_mask, coords)
+        return self.head(encoded[rows, lengths])
+
+
+class TokenClassifier(nn.Module):
+    """frontend -> encoder -> logits per token (B, T, num_classes); causal: the LM head."""
+
+    def __init__(self, frontend: nn.Module, config: EncoderConfig, num_classes: int) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.config = config
+        self.project = _project(frontend.dim, config.dim)
+        self.encoder = Encoder(config)
+        self.head = nn.Linear(config.dim, num_classes)
+
+    def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T', num_classes) for the frontend's T' tokens."""
+        front = self.frontend(inputs, padding_mask)
+        encoded = self.encoder(self.project(front.tokens), front.padding_mask, front.coords)
+        return self.head(encoded)
+
+
+def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
+    """Every attention layer of a model, in forward order."""
+    return [module for module in model.modules() if isinstance(module, MultiHeadAttention)]
+
+
+def set_recording(model: nn.Module, on: bool) -> None:
+    """Make every attention layer keep (or stop keeping) its weights and CoPE positions."""
+    for layer in attention_layers(model):
+        layer.record = on
+        if not on:
+            layer.last_record = None
+
+
+def recorded_layers(model: nn.Module) -> list[dict]:
+    """Per attention layer, {"attention": (B,H,T,T), "positions": (B,H,T,T) or None}."""
+    return [layer.last_record for layer in attention_layers(model) if layer.last_record is not None]

@@ -1,0 +1,209 @@
+"""Shared pieces of the generated text recipes (counting, selective-copy, flip-flop).
+
+Each text task is a generator ``make(rng) -> (tokens, answers)``: a list of token strings and,
+for every position, the answer class due there or IGNORE_INDEX. :class:`GeneratedTokenDataset`
+turns such a generator into a map-style dataset whose item ``i`` is drawn from its own random
+stream, seeded by ``(data.seed, split name, i)``. So the data is the same for every model seed
+and every data order, every split is independent of the others, and nothing needs storing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from recipes.base import IGNORE_INDEX, Config, UserError, encoder_config
+
+PAD = "<pad>"  # index 0, the value pad_collate fills inputs with
+Example = tuple[list[str], list[int]]  # tokens, answer class per position (IGNORE_INDEX: none)
+Generator = Callable[[random.Random], Example]
+
+
+class Vocabulary:
+    """Token strings <-> ids, with the padding token at id 0."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = [PAD, *tokens]
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError(f"duplicate tokens in vocabulary: {self.tokens}")
+        self.ids = {token: index for index, token in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        """Ids of token strings (KeyError on an unknown token: a generator bug)."""
+        return [self.ids[token] for token in tokens]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Token strings of ids."""
+        return [self.tokens[int(index)] for index in ids]
+
+
+def example_rng(seed: int, split: str, index: int) -> random.Random:
+    """The random stream of one example: a string seed hashes the same in every process."""
+    return random.Random(f"{seed}:{split}:{index}")
+
+
+class GeneratedTokenDataset(Dataset):
+    """``size`` examples of a generator, item ``i`` drawn from ``example_rng(seed, split, i)``.
+
+    Items are ``{"inputs": (T,) long token ids, "targets": (T,) long answer classes}``.
+    Evaluation splits are small and read every evaluation, so they are cached once generated.
+    """
+
+    def __init__(
+        self,
+        make: Generator,
+        vocabulary: Vocabulary,
+        *,
+        size: int,
+        seed: int,
+        split: str,
+        cache: bool = True,
+    ) -> None:
+        if size < 1:
+            raise UserError(f"the {split} split needs at least one example, got size {size}")
+        self.make = make
+        self.vocabulary = vocabulary
+        self.size = size
+        self.seed = seed
+        self.split = split
+        self.cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def example(self, index: int) -> Example:
+        """The raw (tokens, answers) of item ``index``, for tests and plots."""
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self.make(example_rng(self.seed, self.split, index))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        tokens, answers = self.example(index)
+        item = {
+            "inputs": torch.tensor(self.vocabulary.encode(tokens), dtype=torch.long),
+            "targets": torch.tensor(answers, dtype=torch.long),
+        }
+        if self.cache is not None:
+            self.cache[index] = item
+        return item
+
+
+def answer_positions(answers: Sequence[int]) -> list[int]:
+    """Indices of the positions where an answer is due."""
+    return [index for index, answer in enumerate(answers) if answer != IGNORE_INDEX]
+
+
+def option(config: Config, key: str, kind: type, default: Any = None) -> Any:
+    """``config[key]`` converted to ``kind`` (values from ``--set`` may arrive as strings)."""
+    value = config.get(key, default)
+    if value is None:
+        raise UserError(f"option {key} is not set")
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(value)
+            return value.lower() in {"true", "1", "yes"}
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option {key} must be a {kind.__name__}, got {value!r}") from None
+
+
+def check_range(key_low: str, low: int, key_high: str, high: int, minimum: int = 1) -> None:
+    """Raise a UserError unless ``minimum <= low <= high``."""
+    if low < minimum or high < low:
+        raise UserError(
+            f"options {key_low}={low} and {key_high}={high} must satisfy "
+            f"{minimum} <= {key_low} <= {key_high}"
+        )
+
+
+def check_probability(key: str, value: float) -> None:
+    """Raise a UserError unless ``0 <= value <= 1``."""
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"option {key} must lie in [0, 1], got {value}")
+
+
+def build_token_model(config: Config, info: dict[str, Any]) -> nn.Module:
+    """A causal (or not, as configured) TokenClassifier over the task's vocabulary.
+
+    Fails with a UserError when the data's longest sequence exceeds ``model.max_len``: learned
+    absolute positions and the default CoPE cap are sized from it.
+    """
+    from encoders.frontends import TokenFrontend
+    from encoders.transformer import TokenClassifier
+
+    encoder = encoder_config(config)
+    longest = int(info["max_len"])
+    if longest > encoder.max_len:
+        raise UserError(
+            f"the longest sequence of the data has {longest} tokens but model.max_len is "
+            f"{encoder.max_len}; raise it with --set model.max_len={longest}"
+        )
+    frontend = TokenFrontend(int(info["vocab_size"]), encoder.dim)
+    return TokenClassifier(frontend, encoder, int(info["num_classes"]))
+
+
+def token_signal(item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """What ``cope positions`` draws beside a text example: its tokens as labels."""
+    tokens = info["vocabulary"]
+    return {"kind": "tokens", "labels": [tokens[int(index)] for index in item["inputs"]]}
+
+
+# Presets shared by the text tasks. "small" is the DESIGN prototype's setting, which trains on
+# 2 CPUs in minutes; "paper" is the CoPE paper's (4 layers x 256, 4 heads, post-norm, dropout
+# 0.1, batch 64, Adam at 7e-5; see run.sh in facebookresearch/RAM projects/cope).
+SMALL_MODEL: Config = {
+    "model.dim": 64,
+    "model.depth": 2,
+    "model.heads": 4,
+    "model.mlp_dim": 256,
+    "model.dropout": 0.0,
+    "model.norm": "pre",
+}
+SMALL_TRAIN: Config = {
+    "train.steps": 1000,
+    "train.batch_size": 32,
+    "train.lr": 1e-3,
+    "train.optimizer": "adamw",
+    "train.weight_decay": 0.01,
+    "train.warmup_steps": 50,
+    "train.schedule": "cosine",
+    "train.grad_clip": 1.0,
+    "train.eval_every": 250,
+    "train.eval_batch_size": 250,
+}
+PAPER_MODEL: Config = {
+    "model.dim": 256,
+    "model.depth": 4,
+    "model.heads": 4,
+    "model.mlp_dim": 1024,
+    "model.dropout": 0.1,
+    "model.norm": "post",
+}
+PAPER_TRAIN: Config = {
+    "train.batch_size": 64,
+    "train.lr": 7e-5,
+    "train.optimizer": "adam",
+    "train.weight_decay": 0.0,
+    "train.warmup_steps": 0,
+    "train.schedule": "constant",
+    "train.grad_clip": 0.0,
+    "train.eval_every": 1000,
+    "train.eval_batch_size": 32,
+}
+TEXT_DEFAULTS: Config = {
+    "model.pe": "cope",
+    "model.causal": True,
+    "train.patience": 0,
+    "data.seed": 0,
+}

@@ -91,7 +91,10 @@ def _gates_and_scores(
     q: Tensor, k: Tensor, allowed: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """Scaled, masked scores s_ij and gates g_ij = sigmoid(s_ij) (0 where masked)."""
-    scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    # Autocast would run this matmul in bf16/fp16 whatever the operands' dtype: turn it off so
+    # scores, gates and positions really are float32 (or wider).
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~allowed, float("-inf"))
     gates = torch.sigmoid(scores)  # sigmoid(-inf) = 0: masked keys do not count
     return scores, gates
@@ -136,9 +139,10 @@ def cope_positions(
 def _position_logits(q: Tensor, pos_emb: Tensor, dtype: torch.dtype) -> Tensor:
     """z_i[n] = q_i . e[n], (B, H, T, rows); the table is (rows, D) shared or (H, rows, D)."""
     table = pos_emb.to(dtype)
-    if table.dim() == 2:
-        return q.to(dtype) @ table.transpose(0, 1)
-    return torch.einsum("bhtd,hnd->bhtn", q.to(dtype), table)
+    with torch.autocast(q.device.type, enabled=False):  # keep z in dtype (see _gates_and_scores)
+        if table.dim() == 2:
+            return q.to(dtype) @ table.transpose(0, 1)
+        return torch.einsum("bhtd,hnd->bhtn", q.to(dtype), table)
 
 
 def reference_cope_attention(

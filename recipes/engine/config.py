@@ -1,0 +1,296 @@
+"""Config resolution: engine defaults < recipe defaults < preset < recipe file < CLI < --set.
+
+A config is a flat dict of dotted keys (``model.*`` = EncoderConfig fields, ``train.*`` = engine
+options, ``data.*`` = recipe options). Every layer above the recipe's defaults may only set keys
+that exist below it, with values of the type the default has, so a typo fails loudly instead of
+being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from recipes.base import Config, Recipe, UserError
+
+# The model.* defaults mirror encoders.transformer.EncoderConfig (the shared contract); fields
+# added there later are picked up by `_encoder_defaults`.
+ENGINE_DEFAULTS: Config = {
+    "model.dim": 64,
+    "model.depth": 2,
+    "model.heads": 4,
+    "model.mlp_dim": 256,
+    "model.dropout": 0.0,
+    "model.norm": "pre",
+    "model.causal": False,
+    "model.pe": "cope",
+    "model.max_len": 512,
+    "model.npos": None,
+    "model.cope_per_head": False,
+    "model.cope_impl": "auto",
+    "model.pooling": "cls",
+    "model.grid": None,
+    "train.seed": 0,
+    "train.steps": 1000,
+    "train.epochs": 0,  # > 0 replaces train.steps by epochs x batches per epoch
+    "train.batch_size": 32,
+    "train.lr": 1e-3,
+    "train.optimizer": "adamw",
+    "train.weight_decay": 0.01,
+    "train.warmup_steps": 100,
+    "train.schedule": "cosine",
+    "train.grad_clip": 1.0,  # 0 disables clipping
+    "train.eval_every": 200,
+    "train.patience": 0,  # evaluations without improvement before stopping; 0 never stops
+    "train.eval_batch_size": 64,
+    "train.log_every": 10,
+    "train.checkpoint_every": 0,  # 0: checkpoint at every evaluation
+    "train.device": "auto",
+    "data.seed": 0,
+}
+
+# Keys whose default is None: the type a value must have when it is not None.
+NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "model.npos": (int,),
+    "model.grid": (list, tuple),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": ("pre", "post"),
+    "model.pooling": ("cls", "mean"),
+    "model.cope_impl": ("auto", "reference", "blockwise", "triton"),
+    "train.optimizer": ("adamw", "adam"),
+    "train.schedule": ("cosine", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+POSITIVE_INTS = ("train.batch_size", "train.eval_batch_size", "train.log_every", "model.dim")
+NON_NEGATIVE = (
+    "train.steps",
+    "train.epochs",
+    "train.warmup_steps",
+    "train.eval_every",
+    "train.patience",
+    "train.checkpoint_every",
+    "train.grad_clip",
+    "train.weight_decay",
+    "train.lr",
+    "model.dropout",
+)
+
+# Keys that may differ between a run and its resumption or reuse (they do not change results).
+VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every")
+
+# Top-level keys of a recipe file that are not options.
+FILE_META_KEYS = ("recipe", "preset")
+
+
+def _encoder_defaults() -> Config:
+    """Defaults of EncoderConfig fields, when encoders.transformer is importable."""
+    import dataclasses
+
+    try:
+        from encoders.transformer import EncoderConfig
+    except ImportError:
+        return {}
+    defaults: Config = {}
+    for field in dataclasses.fields(EncoderConfig):
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+            defaults[f"model.{field.name}"] = list(value) if isinstance(value, tuple) else value
+    return defaults
+
+
+def base_defaults() -> Config:
+    """Engine defaults, with any EncoderConfig field the table above does not know yet."""
+    defaults = dict(ENGINE_DEFAULTS)
+    for key, value in _encoder_defaults().items():
+        defaults.setdefault(key, value)
+    return defaults
+
+
+def flatten_options(table: Mapping[str, Any], prefix: str = "") -> Config:
+    """Flatten nested TOML tables ``{"train": {"lr": 1e-3}}`` into ``{"train.lr": 1e-3}``."""
+    flat: Config = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_options(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file; a missing file or a syntax error is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML: {error}") from None
+
+
+def load_recipe_file(path: Path) -> tuple[Config, dict[str, Any]]:
+    """Options (flat dotted keys) and meta keys (``recipe``, ``preset``) of a recipe file."""
+    table = load_toml(path)
+    meta = {key: table.pop(key) for key in FILE_META_KEYS if key in table}
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise UserError(f"{path}: {key!r} must be a string, got {value!r}")
+    return flatten_options(table), meta
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value``; the value is read as TOML (1e-3, true, [2,8,8]) or text."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise UserError(f"--set expects key=value, got {text!r}")
+    if raw.lower() in ("none", "null"):
+        return key, None
+    try:
+        return key, tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return key, raw  # a bare word such as `cope` or `post`
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return " or ".join(names.get(kind, kind.__name__) for kind in types)
+
+
+def _expected_types(key: str, default: Any) -> tuple[type, ...] | None:
+    """The types a value of ``key`` may have, or None when anything goes."""
+    if default is None:
+        return NULLABLE_TYPES.get(key)
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (float, int)
+    if isinstance(default, (list, tuple)):
+        return (list, tuple)
+    return (type(default),)
+
+
+def coerce_value(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check ``value`` against the type of ``default``; ints become floats where floats are due."""
+    if value is None and (default is None or key in NULLABLE_TYPES):
+        return None
+    expected = _expected_types(key, default)
+    if expected is None:
+        return value
+    if str in expected and not isinstance(value, str) and source == "--set":
+        return str(value)  # `--set data.name=123` means the text "123"
+    is_bool = isinstance(value, bool)
+    if (is_bool and bool not in expected) or not isinstance(value, expected):
+        raise UserError(
+            f"{source}: {key} must be {_type_name(expected)}, got {value!r}"
+            + (f" (default {default!r})" if default is not None else "")
+        )
+    if float in expected and isinstance(value, int) and not is_bool:
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _unknown_key_error(key: str, valid: list[str], source: str) -> UserError:
+    section = key.split(".", 1)[0] + "."
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    same_section = [name for name in valid if name.startswith(section)] or valid
+    return UserError(
+        f"{source}: unknown option {key!r}{hint} Valid keys: {', '.join(sorted(same_section))}"
+    )
+
+
+def apply_layer(config: Config, options: Mapping[str, Any], source: str) -> None:
+    """Apply one layer of options to ``config`` in place, type-checked against it."""
+    for key, value in options.items():
+        if key not in config:
+            raise _unknown_key_error(key, list(config), source)
+        config[key] = coerce_value(key, value, config[key], source)
+
+
+def preset_options(recipe: Recipe, preset: str | None) -> tuple[str | None, Config]:
+    """The chosen preset's name and options; an unknown preset lists the known ones."""
+    name = preset if preset is not None else recipe.default_preset
+    if name is None:
+        return None, {}
+    if name not in recipe.presets:
+        known = ", ".join(sorted(recipe.presets)) or "none"
+        raise UserError(f"recipe {recipe.name!r} has no preset {name!r}; presets: {known}")
+    return name, dict(recipe.presets[name])
+
+
+def validate_config(config: Config) -> None:
+    """Check choices and ranges of the engine's keys, and the position-encoding name."""
+    for key, choices in CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise UserError(f"{key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    for key in POSITIVE_INTS:
+        if key in config and config[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {config[key]!r}")
+    for key in NON_NEGATIVE:
+        if key in config and config[key] < 0:
+            raise UserError(f"{key} must not be negative, got {config[key]!r}")
+    if config.get("train.steps", 0) == 0 and config.get("train.epochs", 0) == 0:
+        raise UserError("train.steps or train.epochs must be positive")
+    validate_position_encoding(config["model.pe"])
+
+
+def validate_position_encoding(name: str) -> None:
+    """An unknown ``--pe`` is a UserError listing the registered encodings."""
+    try:
+        from encoders.positions import list_position_encodings
+    except ImportError:
+        return  # the zoo is not there yet; the model builder will complain if needed
+    valid = list(list_position_encodings())
+    if name not in valid:
+        raise UserError(f"unknown position encoding {name!r}; choose one of: {', '.join(valid)}")
+
+
+def resolve_config(
+    recipe: Recipe,
+    *,
+    preset: str | None = None,
+    file_options: Mapping[str, Any] | None = None,
+    cli_options: Mapping[str, Any] | None = None,
+    set_options: Mapping[str, Any] | None = None,
+) -> Config:
+    """The resolved config of one run, layer by layer, checked and validated."""
+    config = base_defaults()
+    for key, value in recipe.defaults.items():
+        # A recipe may add keys of its own and change engine defaults (types must still fit).
+        config[key] = coerce_value(key, value, config[key], "recipe") if key in config else value
+    _, preset_layer = preset_options(recipe, preset)
+    apply_layer(config, preset_layer, f"preset of {recipe.name}")
+    apply_layer(config, file_options or {}, "recipe file")
+    apply_layer(config, {k: v for k, v in (cli_options or {}).items() if v is not None}, "option")
+    apply_layer(config, set_options or {}, "--set")
+    validate_config(config)
+    return config
+
+
+def comparable(config: Config) -> Config:
+    """The part of a config that decides a run's results (volatile keys dropped)."""
+    return {key: value for key, value in config.items() if key not in VOLATILE_KEYS}
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """Human-readable differences between two configs, ignoring volatile keys."""
+    left, right = comparable(old), comparable(new)
+    return [
+        f"{key}: {left.get(key)!r} -> {right.get(key)!r}"
+        for key in sorted(set(left) | set(right))
+        if left.get(key) != right.get(key)
+    ]

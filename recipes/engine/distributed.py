@@ -1,0 +1,75 @@
+"""Process-group helpers: the same `cope train` runs alone or under `torchrun` (DDP).
+
+Only rank 0 writes (run directory, checkpoints, metrics); decisions that every rank must share
+(which run directory, whether to stop) are broadcast from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and talks to the user."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether several processes train together."""
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher) set WORLD_SIZE > 1 for this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA), if any."""
+    if not launched_by_torchrun():
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def broadcast(value: Any, context: DistContext) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    if not context.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def mean_across_ranks(value: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """The average of a scalar tensor over ranks (the same number on every rank)."""
+    if not context.enabled:
+        return value
+    reduced = value.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / context.world_size
+
+
+def barrier(context: DistContext) -> None:
+    """Wait for every rank."""
+    if context.enabled:
+        dist.barrier()

@@ -1,0 +1,109 @@
+"""Loss and accuracy over the answers a batch asks for (targets of -100 are not asked)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from recipes.base import IGNORE_INDEX, pad_collate
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (CoPE keeps its gate path in float32 itself); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a batch's tensors to ``device``."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def forward_batch(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Logits of one batch: (B, classes) or (B, T, classes)."""
+    return model(batch["inputs"], padding_mask=batch.get("padding_mask"))
+
+
+def loss_and_counts(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
+    """Mean cross-entropy over asked answers, number correct and number asked."""
+    targets = torch.as_tensor(targets, device=logits.device).long()
+    if (
+        logits.dim() == targets.dim() + 1
+        and logits.dim() > 2
+        and logits.shape[1] != targets.shape[1]
+    ):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree in length"
+        )
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1)
+    asked = flat_targets != IGNORE_INDEX
+    count = int(asked.sum())
+    summed = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = summed / max(count, 1)
+    correct = int((flat_logits.argmax(-1)[asked] == flat_targets[asked]).sum())
+    return loss, correct, count
+
+
+def iterate_batches(
+    dataset: Dataset, collate: Callable[[list[Any]], dict[str, Any]] | None, batch_size: int
+) -> Iterator[dict[str, Any]]:
+    """Batches of a dataset in order (evaluation needs no shuffling)."""
+    collate = collate or pad_collate
+    size = len(dataset)  # type: ignore[arg-type]
+    for start in range(0, size, batch_size):
+        yield collate([dataset[index] for index in range(start, min(start + batch_size, size))])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    collate: Callable[[list[Any]], dict[str, Any]] | None,
+    *,
+    batch_size: int,
+    device: torch.device,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Accuracy, mean loss and number of answers of ``model`` on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    size = len(dataset)  # type: ignore[arg-type]
+    try:
+        for index, batch in enumerate(iterate_batches(dataset, collate, batch_size)):
+            batch = move_batch(batch, device)
+            with autocast_context(device):
+                logits = forward_batch(model, batch)
+            loss, batch_correct, batch_count = loss_and_counts(logits, batch["targets"])
+            total_loss += float(loss) * batch_count
+            correct, count = correct + batch_correct, count + batch_count
+            if on_batch is not None:
+                on_batch(min((index + 1) * batch_size, size), size)
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": correct / count if count else float("nan"),
+        "loss": total_loss / count if count else float("nan"),
+        "count": count,
+    }
+
+
+def metric_value(accuracy: float, metric: str) -> float:
+    """What tables show: accuracy (0-1) or error in percent."""
+    return (1.0 - accuracy) * 100.0 if metric == "error" else accuracy
+
+
+def metric_label(metric: str) -> str:
+    """Column header for a recipe's metric."""
+    return "error %" if metric == "error" else "accuracy"

@@ -1,0 +1,219 @@
+"""Run directories: ``<out>/<recipe>/<pe>/seed<N>-<stamp>/`` and the files inside them.
+
+A run directory holds ``config.json`` (resolved config), ``env.json`` (versions, device, git
+commit, command line), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
+``checkpoint.pt`` (latest), ``best.pt`` (best on validation), ``eval.json`` (final evaluation)
+and ``done`` (written last: the run finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recipes.base import Config, UserError
+
+CONFIG_FILE = "config.json"
+ENV_FILE = "env.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+EVAL_FILE = "eval.json"
+DONE_FILE = "done"
+
+_RUN_NAME = re.compile(r"^seed(?P<seed>-?\d+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<extra>\d+))?$")
+
+
+def run_parent(out: Path, recipe: str, pe: str) -> Path:
+    """The folder holding every run of one recipe and position encoding."""
+    return Path(out) / recipe / pe
+
+
+def create_run_dir(out: Path, recipe: str, pe: str, seed: int) -> Path:
+    """Create a fresh run directory; the name is unique even for runs started in one second."""
+    parent = run_parent(out, recipe, pe)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(10_000):
+        name = f"seed{seed}-{stamp}" + (f"-{attempt}" if attempt else "")
+        try:
+            (parent / name).mkdir(exist_ok=False)  # atomic: two processes never share a name
+        except FileExistsError:
+            continue
+        return parent / name
+    raise RuntimeError(f"could not create a run directory under {parent}")
+
+
+def _run_order(path: Path) -> tuple[str, int]:
+    match = _RUN_NAME.match(path.name)
+    if not match:
+        return ("", 0)
+    return (match["stamp"], int(match["extra"] or 0))
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder that looks like a run directory (named seedN-stamp, with a config)."""
+    return path.is_dir() and bool(_RUN_NAME.match(path.name)) and (path / CONFIG_FILE).is_file()
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run wrote its final evaluation and the ``done`` marker."""
+    return (run_dir / DONE_FILE).is_file()
+
+
+def find_runs(
+    out: Path, recipe: str | None = None, pe: str | None = None, seed: int | None = None
+) -> list[Path]:
+    """Run directories under ``out``, oldest first, filtered by recipe, encoding and seed."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    pattern = f"{recipe or '*'}/{pe or '*'}/seed{'*' if seed is None else seed}-*"
+    runs = [path for path in out.glob(pattern) if is_run_dir(path)]
+    if seed is not None:
+        runs = [path for path in runs if _RUN_NAME.match(path.name)["seed"] == str(seed)]
+    return sorted(runs, key=_run_order)
+
+
+def find_runs_below(root: Path) -> list[Path]:
+    """Every run directory anywhere below ``root`` (or ``root`` itself), oldest first."""
+    root = Path(root)
+    if is_run_dir(root):
+        return [root]
+    return sorted(
+        (path.parent for path in root.rglob(CONFIG_FILE) if is_run_dir(path.parent)),
+        key=_run_order,
+    )
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; a missing or damaged file is a UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is damaged (not valid JSON: {error})") from None
+
+
+def read_config(run_dir: Path) -> tuple[str, Config]:
+    """The recipe name and resolved config a run directory was started with."""
+    data = read_json(Path(run_dir) / CONFIG_FILE)
+    if not isinstance(data, dict) or "recipe" not in data or "config" not in data:
+        raise UserError(f"{run_dir / CONFIG_FILE} is not a cope run config")
+    return data["recipe"], data["config"]
+
+
+def write_config(
+    run_dir: Path, recipe: str, config: Config, preset: str | None, data_dir: Path | None
+) -> None:
+    """Save the resolved config (what `--resume` and `cope eval` rebuild the run from)."""
+    write_json_atomic(
+        run_dir / CONFIG_FILE,
+        {
+            "recipe": recipe,
+            "preset": preset,
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "config": config,
+        },
+    )
+
+
+def read_data_dir(run_dir: Path) -> Path | None:
+    """The data directory a run was trained with (for re-evaluating it), if any."""
+    value = read_json(Path(run_dir) / CONFIG_FILE).get("data_dir")
+    return Path(value) if value else None
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment(device: str, world_size: int = 1) -> dict[str, Any]:
+    """Versions, device, git commit and command line: what is needed to reproduce a run."""
+    import torch
+
+    versions: dict[str, str] = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("torchaudio", "torchvision", "numpy", "cope_cli"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "unknown")
+        except ImportError:
+            pass
+    return {
+        "versions": versions,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "torch_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "git_commit": _git_commit(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl, flushed at once."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a killed run may have logged beyond its last checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (damaged lines skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,106 @@
+"""Reopening finished (or unfinished) runs: rebuild data and model, load the best weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe
+from recipes.engine import rundir
+from recipes.engine.checkpoint import load_checkpoint, load_model_state
+from recipes.engine.trainer import (
+    TrainObserver,
+    TrainOptions,
+    build_data_checked,
+    evaluate_splits,
+    resolve_device,
+)
+
+
+@dataclass
+class LoadedRun:
+    """A run directory reopened: its recipe, config, data and model with loaded weights."""
+
+    run_dir: Path
+    recipe: Recipe
+    config: Config
+    bundle: DataBundle
+    model: nn.Module
+    weights: Path  # the checkpoint the weights came from
+    device: torch.device
+
+
+def newest_run(out: Path, recipe: str, pe: str | None, finished_only: bool = True) -> Path:
+    """The newest (finished) run of a recipe and encoding under ``out``; a UserError if none."""
+    runs = rundir.find_runs(out, recipe, pe)
+    if finished_only:
+        runs = [run for run in runs if rundir.is_finished(run)]
+    if not runs:
+        what = f"{recipe}/{pe}" if pe else recipe
+        raise UserError(f"no finished run of {what} under {out}; train one with `cope train`")
+    return runs[-1]
+
+
+def load_run(
+    run_dir: Path,
+    *,
+    device: str = "auto",
+    data_dir: Path | None = None,
+    download: bool = False,
+) -> LoadedRun:
+    """Rebuild a run's data and model and load its best (else latest) weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not (run_dir / rundir.CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no {rundir.CONFIG_FILE})")
+    recipe_name, config = rundir.read_config(run_dir)
+    recipe = get_recipe(recipe_name)
+    weights = run_dir / rundir.BEST_FILE
+    if not weights.is_file():
+        weights = run_dir / rundir.CHECKPOINT_FILE
+    state = load_checkpoint(weights, recipe_name)  # validate before the (slower) data build
+    options = TrainOptions(
+        data_dir=data_dir if data_dir is not None else rundir.read_data_dir(run_dir),
+        download=download,
+    )
+    bundle = build_data_checked(recipe, config, options)
+    torch.manual_seed(config["train.seed"])
+    model = recipe.build_model(config, bundle.info)
+    load_model_state(model, state, weights)
+    target = resolve_device(device)
+    model.to(target).eval()
+    return LoadedRun(run_dir, recipe, config, bundle, model, weights, target)
+
+
+def evaluate_run(
+    run_dir: Path,
+    splits: list[str] | None = None,
+    *,
+    device: str = "auto",
+    observer: TrainObserver | None = None,
+    data_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's best weights on the named splits (all when None); eval.json's shape."""
+    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    results = evaluate_splits(
+        loaded.model,
+        loaded.bundle,
+        loaded.config,
+        loaded.device,
+        observer or TrainObserver(),
+        splits,
+    )
+    return {
+        "run_dir": str(loaded.run_dir),
+        "recipe": loaded.recipe.name,
+        "pe": loaded.config["model.pe"],
+        "seed": loaded.config["train.seed"],
+        "metric": loaded.recipe.metric,
+        "weights": loaded.weights.name,
+        "splits": results,
+    }

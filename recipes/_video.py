@@ -1,0 +1,254 @@
+"""Video helpers shared by the video recipes: frame-rate changes, PyAV decoding, caching.
+
+Clips are tensors shaped (frames, channels, height, width). Generated clips are uint8 in
+[0, 255] until a dataset hands them out as float32 in [0, 1]; decoded clips are cached as
+uint8 and normalised when an item is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from recipes.base import UserError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
+CACHE_VERSION = 1  # bump when the cached representation changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-rate changes (the OOD splits of the video recipes)
+
+
+def repeat_frames(clip: Tensor, factor: int) -> Tensor:
+    """Each frame repeated ``factor`` times: the same clip shown at 1/factor of the speed."""
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    return clip.repeat_interleave(factor, dim=0)
+
+
+def drop_frames(clip: Tensor, keep_every: int) -> Tensor:
+    """Every ``keep_every``-th frame, starting with the first: the clip sped up."""
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    return clip[::keep_every]
+
+
+def pad_frames(clip: Tensor, multiple: int) -> Tensor:
+    """Blank frames appended so that the frame count is a multiple of ``multiple`` (tubelets)."""
+    missing = -clip.shape[0] % multiple
+    if missing == 0:
+        return clip
+    blank = clip.new_zeros((missing, *clip.shape[1:]))
+    return torch.cat([clip, blank], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding with PyAV
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a video file becomes a clip; also the cache key, so every field matters."""
+
+    fps: float = 8.0  # frames per second sampled from the video's own timeline
+    frames: int = 16  # at most this many frames (shorter videos give shorter clips)
+    size: int = 64  # frames resized to size x size
+    channels: int = 3  # 3 (RGB) or 1 (grey)
+    start: float = 0.0  # seconds skipped at the beginning
+
+    def key(self) -> str:
+        """A short hash naming the cache folder of these settings."""
+        fields = {**self.__dict__, "version": CACHE_VERSION}
+        text = json.dumps(fields, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def sample_times(fps: float, frames: int, start: float = 0.0) -> list[float]:
+    """The timestamps (seconds) at which frames are taken: ``start + k / fps``."""
+    if fps <= 0:
+        raise UserError(f"data.fps must be positive, got {fps}")
+    if frames < 1:
+        raise UserError(f"data.frames must be at least 1, got {frames}")
+    return [start + index / fps for index in range(frames)]
+
+
+def pick_frames(frame_times: Sequence[float], wanted: Sequence[float]) -> list[int]:
+    """For each wanted time, the index of the decoded frame shown at that time.
+
+    A frame is shown from its timestamp until the next frame's, so the pick is the last frame
+    whose time is <= the wanted time (the first frame for earlier times). Wanted times past the
+    end of the video, by more than one frame interval, are dropped: the clip is shorter.
+    """
+    if not frame_times:
+        return []
+    interval = (frame_times[-1] - frame_times[0]) / max(len(frame_times) - 1, 1)
+    end = frame_times[-1] + interval  # when the last frame stops being shown
+    picks: list[int] = []
+    index = 0
+    for time in wanted:
+        if time > end + 1e-9 or (interval > 0 and time >= end - 1e-9):
+            break
+        while index + 1 < len(frame_times) and frame_times[index + 1] <= time + 1e-9:
+            index += 1
+        picks.append(index)
+    return picks
+
+
+def decode_video(path: Path, settings: DecodeSettings) -> Tensor:
+    """Decode a video file into a uint8 clip (frames, channels, size, size) with PyAV.
+
+    Frames are sampled at ``settings.fps`` from the stream's timestamps, not by index, so
+    videos with different frame rates give clips of the same rate. Raises ValueError for a file
+    that holds no decodable video frame (the caller skips and counts it).
+    """
+    import av
+    from torchvision.transforms import v2
+
+    wanted = sample_times(settings.fps, settings.frames, settings.start)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            times: list[float] = []
+            images: list[Tensor] = []
+            last_needed = wanted[-1]
+            for frame in container.decode(stream):
+                time = float(frame.time) if frame.time is not None else len(times) / 25.0
+                if times and time <= times[-1]:
+                    continue  # duplicate or out-of-order timestamp: keep the first
+                times.append(time)
+                array = frame.to_ndarray(format="gray" if settings.channels == 1 else "rgb24")
+                image = torch.from_numpy(array)
+                images.append(image[None] if image.dim() == 2 else image.permute(2, 0, 1))
+                if time > last_needed:
+                    break  # one frame past the last wanted time is enough
+    except av.FFmpegError as error:
+        raise ValueError(f"{path} could not be decoded: {error}") from error
+    if not images:
+        raise ValueError(f"{path} holds no video frames")
+    picks = pick_frames(times, wanted)
+    if not picks:
+        raise ValueError(f"{path} ends before {settings.start} s")
+    clip = torch.stack([images[index] for index in picks])  # (frames, channels, H, W) uint8
+    resize = v2.Resize((settings.size, settings.size), antialias=True)
+    return resize(clip).contiguous()
+
+
+def normalise(clip: Tensor, mean: float = 0.5, std: float = 0.5) -> Tensor:
+    """uint8 clip -> float32 in roughly [-1, 1] (torchvision's ToDtype + Normalize)."""
+    from torchvision.transforms import v2
+
+    channels = clip.shape[1]
+    transform = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * channels, [std] * channels)]
+    )
+    return transform(clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache of decoded clips
+
+
+def _file_key(path: Path, root: Path) -> str:
+    """A cache file name for one video: its relative path, size and modification time."""
+    stat = path.stat()
+    text = f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _save_atomically(value: Any, target: Path) -> None:
+    """torch.save to a temporary file, then rename, so a killed run leaves no half file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(value, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def decode_all(
+    paths: Sequence[Path],
+    root: Path,
+    settings: DecodeSettings,
+    cache_dir: Path | None,
+    *,
+    show_progress: bool = True,
+) -> tuple[list[Tensor | None], list[str]]:
+    """Decode (or load from the cache) every video; unreadable ones give None and a reason.
+
+    Cache layout: ``<cache_dir>/<settings key>/<file key>.pt`` holding the uint8 clip, or a
+    small dict ``{"error": reason}`` for a file that failed, so failures are not retried
+    until the file changes.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    folder = cache_dir / f"video-{settings.key()}" if cache_dir is not None else None
+    clips: list[Tensor | None] = []
+    errors: list[str] = []
+    columns = (
+        TextColumn("decoding videos"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("decode", total=len(paths))
+        for path in paths:
+            target = folder / f"{_file_key(path, root)}.pt" if folder is not None else None
+            entry: Any = None
+            if target is not None and target.exists():
+                try:
+                    entry = torch.load(target, weights_only=True)
+                except Exception:  # a damaged cache file is decoded again
+                    entry = None
+            if entry is None:
+                try:
+                    entry = decode_video(path, settings)
+                except (ValueError, OSError) as error:
+                    entry = {"error": str(error)}
+                if target is not None:
+                    _save_atomically(entry, target)
+            if isinstance(entry, dict):
+                clips.append(None)
+                errors.append(entry["error"])
+            else:
+                clips.append(entry)
+            progress.advance(task)
+    return clips, errors
+
+
+def find_videos(root: Path) -> dict[str, list[Path]]:
+    """Video files under each class sub-folder of ``root`` (sorted), by class name."""
+    classes: dict[str, list[Path]] = {}
+    for folder in sorted(child for child in root.iterdir() if child.is_dir()):
+        if folder.name.startswith((".", "_")):
+            continue  # caches and hidden folders are not classes
+        files = sorted(
+            path
+            for path in folder.rglob("*")
+            if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
+        )
+        if files:
+            classes[folder.name] = files
+    return classes

@@ -1,0 +1,421 @@
+"""Shared audio helpers of the speech recipes: reading, resampling, features, caching, augmenting.
+
+Features are kept on disk (and in memory) as **mel power in decibels without a floor**
+(``mel_db``, frames x mels, float16). The model's features are finished from it on the fly:
+``logmel`` = mel_db floored at (clip max - 80 dB); ``mfcc`` = the orthonormal DCT-II of that,
+exactly what ``torchaudio.transforms.MFCC`` computes (tested). Keeping the power domain lets
+training augmentation work without audio: background noise is mixed by adding mel powers
+(exact in expectation for uncorrelated noise), a time shift moves frames, and SpecAugment masks
+the finished features, so later epochs never touch a waveform or an STFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from torch.utils.data import Dataset
+
+from recipes.base import Config, UserError
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+TOP_DB = 80.0  # the floor below each clip's loudest mel bin, as torchaudio's MFCC uses
+POWER_FLOOR = 1e-10  # torchaudio's amin: mel power is clamped here before the logarithm
+
+
+class AudioReadError(Exception):
+    """A file that soundfile cannot decode (corrupt, truncated, not audio)."""
+
+
+# ----------------------------------------------------------------------------- waveforms
+
+
+def read_audio(path: Path | str, sample_rate: int) -> torch.Tensor:
+    """Read a WAV/FLAC file as mono float32 at ``sample_rate`` (channels averaged, resampled)."""
+    try:
+        samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError, OSError, ValueError) as error:
+        raise AudioReadError(f"{path}: {error}") from error
+    if samples.size == 0:
+        raise AudioReadError(f"{path}: no samples")
+    wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
+    return resample(wave, file_rate, sample_rate)
+
+
+def resample(wave: torch.Tensor, from_rate: int, to_rate: int) -> torch.Tensor:
+    """Band-limited resampling (torchaudio's sinc interpolation); a no-op for equal rates."""
+    if from_rate == to_rate:
+        return wave
+    return torchaudio.functional.resample(wave, int(from_rate), int(to_rate))
+
+
+def fit_length(wave: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+    """Place ``wave`` at ``offset`` samples inside ``length`` samples of silence (cropping)."""
+    out = wave.new_zeros(length)
+    start, stop = max(offset, 0), min(offset + wave.shape[-1], length)
+    if stop > start:
+        out[start:stop] = wave[start - offset : stop - offset]
+    return out
+
+
+def centre(wave: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad or crop ``wave`` to ``length`` samples, keeping its middle."""
+    return fit_length(wave, length, (length - wave.shape[-1]) // 2)
+
+
+def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
+    """Play ``wave`` ``factor`` times faster (pitch moves with it), by resampling.
+
+    The source rate is rounded to 100 Hz so that torchaudio's rational resampler keeps a short
+    kernel; the factor actually applied is therefore within 0.3 % of the one asked for.
+    """
+    source_rate = max(100, round(sample_rate * factor / 100) * 100)
+    return resample(wave, source_rate, sample_rate)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How waveforms become features; its hash names the feature cache."""
+
+    kind: str = "mfcc"  # "mfcc" | "logmel"
+    n_features: int = 40
+    n_mels: int = 40
+    sample_rate: int = 16000
+    win_ms: float = 30.0
+    hop_ms: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mfcc", "logmel"):
+            raise UserError(f"data.features must be 'mfcc' or 'logmel', not {self.kind!r}")
+        if self.kind == "logmel" and self.n_features != self.n_mels:
+            raise UserError("with data.features=logmel, data.n_mels must equal data.n_features")
+        if self.kind == "mfcc" and self.n_features > self.n_mels:
+            raise UserError("data.n_features (MFCC count) cannot exceed data.n_mels")
+
+    @classmethod
+    def from_config(cls, config: Config) -> FeatureSettings:
+        """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys."""
+        kind = str(config.get("data.features", "mfcc"))
+        n_features = int(config.get("data.n_features") or (40 if kind == "mfcc" else 80))
+        n_mels = int(config.get("data.n_mels") or (40 if kind == "mfcc" else n_features))
+        return cls(
+            kind=kind,
+            n_features=n_features,
+            n_mels=n_mels,
+            sample_rate=int(config.get("data.sample_rate", 16000)),
+            win_ms=float(config.get("data.win_ms", 30.0)),
+            hop_ms=float(config.get("data.hop_ms", 10.0)),
+        )
+
+    @property
+    def win_length(self) -> int:
+        return round(self.sample_rate * self.win_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def n_fft(self) -> int:
+        return 1 << math.ceil(math.log2(self.win_length))
+
+    def mel_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of torchaudio's MelSpectrogram for these settings."""
+        return {
+            "n_fft": self.n_fft,
+            "win_length": self.win_length,
+            "hop_length": self.hop_length,
+            "n_mels": self.n_mels,
+        }
+
+    def analysis_key(self) -> dict[str, Any]:
+        """What the cached mel_db depends on (the finishing step does not change the cache)."""
+        return {key: value for key, value in asdict(self).items() if key not in ("kind",)}
+
+
+class MelAnalyzer:
+    """Waveform -> mel_db (frames, mels); mel_db -> finished features (frames, n_features)."""
+
+    def __init__(self, settings: FeatureSettings) -> None:
+        self.settings = settings
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=settings.sample_rate, **settings.mel_kwargs()
+        )
+        # (mels, n_features): the same orthonormal DCT-II matrix torchaudio's MFCC multiplies by
+        self.dct = torchaudio.functional.create_dct(settings.n_features, settings.n_mels, "ortho")
+
+    def frames(self, samples: int) -> int:
+        """Frames produced for ``samples`` samples (centred STFT)."""
+        return samples // self.settings.hop_length + 1
+
+    @torch.no_grad()
+    def mel_db(self, waves: torch.Tensor) -> torch.Tensor:
+        """(..., samples) waveforms -> (..., frames, mels) mel power in dB, no floor applied."""
+        power = self.mel(waves.float())  # (..., mels, frames)
+        return (10.0 * torch.log10(power.clamp_min(POWER_FLOOR))).transpose(-1, -2)
+
+    def finish(self, mel_db: torch.Tensor) -> torch.Tensor:
+        """(..., frames, mels) mel_db -> (..., frames, n_features): floored, DCT for MFCC."""
+        mel_db = mel_db.float()
+        loudest = mel_db.amax(dim=(-2, -1), keepdim=True)
+        floored = torch.maximum(mel_db, loudest - TOP_DB)
+        if self.settings.kind == "mfcc":
+            return floored @ self.dct
+        return floored
+
+
+def mix_noise_db(clip_db: torch.Tensor, noise_db: torch.Tensor, gain: float) -> torch.Tensor:
+    """Mel_db of ``clip + gain * noise``: mel powers add (exact in expectation)."""
+    clip_power = torch.pow(10.0, clip_db.float() / 10.0)
+    noise_power = torch.pow(10.0, noise_db.float() / 10.0)
+    mixed = clip_power + (gain * gain) * noise_power
+    return 10.0 * torch.log10(mixed.clamp_min(POWER_FLOOR))
+
+
+def silence_db(frames: int, n_mels: int) -> torch.Tensor:
+    """Mel_db of digital silence (what zero padding of a waveform produces)."""
+    return torch.full((frames, n_mels), 10.0 * math.log10(POWER_FLOOR))
+
+
+# ----------------------------------------------------------------------------- ragged storage
+
+
+class Ragged:
+    """Variable-length (frames, dims) arrays stored as one flat tensor plus offsets."""
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.flat = flat
+        self.offsets = offsets
+
+    @classmethod
+    def from_list(
+        cls, arrays: Sequence[torch.Tensor], dtype: torch.dtype = torch.float16
+    ) -> Ragged:
+        lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)
+        offsets = torch.zeros(len(arrays) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        flat = (
+            torch.cat([a.to(dtype) for a in arrays]) if arrays else torch.zeros(0, 0, dtype=dtype)
+        )
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.flat[self.offsets[index] : self.offsets[index + 1]]
+
+    def length(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"flat": self.flat, "offsets": self.offsets}
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def default_cache_dir() -> Path:
+    """Where generated or derived data is cached when no data directory is given."""
+    if os.environ.get("COPE_CACHE_DIR"):
+        return Path(os.environ["COPE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cope"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able dict of settings (the cache key)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename, so a killed run leaves no torn cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+_MEMORY_CACHE: dict[str, Any] = {}
+
+
+def cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Load ``path`` (kept in memory for the process) or build it once and save it atomically.
+
+    Runs of a compare share the process, so the in-memory copy spares them re-reading the file.
+    """
+    key = str(path)
+    if key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key]
+    data = None
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception:  # a cache from another torch version or a torn file: rebuild it
+            data = None
+    if data is None:
+        data = build()
+        atomic_save(data, path)
+    _MEMORY_CACHE[key] = data
+    return data
+
+
+def progress_bar(description: str, total: int) -> Any:
+    """A rich progress bar (on stderr) for feature caching; use as a context manager."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    bar.add_task(description, total=total)
+    return bar
+
+
+def advance(bar: Any, steps: int = 1) -> None:
+    """Advance the single task of a bar made by :func:`progress_bar`."""
+    bar.advance(bar.task_ids[0], steps)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def scan_class_folders(root: Path, skip: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(path relative to root, class name) of every WAV/FLAC in root's class sub-folders, sorted."""
+    skipped = set(skip)
+    items = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name in skipped or folder.name.startswith("."):
+            continue
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and file.suffix.lower() in AUDIO_EXTENSIONS:
+                items.append((file.relative_to(root).as_posix(), folder.name))
+    return items
+
+
+def read_list(path: Path) -> set[str]:
+    """Relative paths listed one per line (Speech Commands' validation/testing lists)."""
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Augmentation:
+    """Training augmentation in the feature domain (see the module docstring)."""
+
+    shift_frames: int = 0  # random time shift of up to this many frames either way
+    noise: Ragged | None = None  # mel_db segments of background noise, each >= a clip long
+    noise_prob: float = 0.0
+    noise_volume: float = 0.0  # waveform gain drawn uniformly from [0, noise_volume]
+    freq_masks: int = 0
+    freq_mask_width: int = 0
+    time_masks: int = 0
+    time_mask_width: int = 0
+
+    def apply_db(self, mel_db: torch.Tensor) -> torch.Tensor:
+        """Shift and noise-mix one clip's mel_db (frames, mels)."""
+        mel_db = mel_db.float()
+        if self.shift_frames > 0:
+            shift = int(torch.randint(-self.shift_frames, self.shift_frames + 1, ()))
+            if shift:
+                moved = silence_db(*mel_db.shape)
+                if shift > 0:
+                    moved[shift:] = mel_db[:-shift]
+                else:
+                    moved[:shift] = mel_db[-shift:]
+                mel_db = moved
+        if self.noise is not None and len(self.noise) and torch.rand(()) < self.noise_prob:
+            segment = self.noise[int(torch.randint(len(self.noise), ()))]
+            frames = mel_db.shape[0]
+            if segment.shape[0] >= frames:
+                start = int(torch.randint(segment.shape[0] - frames + 1, ()))
+                gain = float(torch.rand(())) * self.noise_volume
+                mel_db = mix_noise_db(mel_db, segment[start : start + frames], gain)
+        return mel_db
+
+    def apply_features(self, features: torch.Tensor) -> torch.Tensor:
+        """SpecAugment (torchaudio's masks) on finished features (frames, n_features)."""
+        if not (self.freq_masks or self.time_masks):
+            return features
+        spec = features.T.unsqueeze(0)  # (1, features, frames), torchaudio's layout
+        for _ in range(self.freq_masks):
+            spec = torchaudio.transforms.FrequencyMasking(self.freq_mask_width)(spec)
+        for _ in range(self.time_masks):
+            width = min(self.time_mask_width, spec.shape[-1])
+            spec = torchaudio.transforms.TimeMasking(width)(spec)
+        return spec.squeeze(0).T
+
+
+class FeatureDataset(Dataset):
+    """Labelled clips from cached mel_db; items {"inputs": (frames, features), "targets": int}."""
+
+    def __init__(
+        self,
+        mel_db: Ragged,
+        indices: Sequence[int],
+        labels: Sequence[int],
+        analyzer: MelAnalyzer,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        augmentation: Augmentation | None = None,
+    ) -> None:
+        self.mel_db = mel_db
+        self.indices = list(indices)
+        self.labels = list(labels)
+        self.analyzer = analyzer
+        self.mean = mean
+        self.std = std
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        mel_db = self.mel_db[self.indices[position]]
+        if self.augmentation is not None:
+            mel_db = self.augmentation.apply_db(mel_db)
+        features = (self.analyzer.finish(mel_db) - self.mean) / self.std
+        if self.augmentation is not None:
+            features = self.augmentation.apply_features(features)
+        return {"inputs": features, "targets": self.labels[position]}
+
+
+def feature_stats(
+    mel_db: Ragged, indices: Sequence[int], analyzer: MelAnalyzer, limit: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over (up to ``limit`` evenly spaced) training clips."""
+    if not indices:
+        raise UserError("the training split is empty")
+    step = max(1, len(indices) // limit)
+    chosen = list(indices)[::step][:limit]
+    features = torch.cat([analyzer.finish(mel_db[i]) for i in chosen])
+    return features.mean(0), features.std(0).clamp_min(1e-3)

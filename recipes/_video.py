@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -17,12 +18,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from recipes.base import UserError
+from encoders.frontends import FrontendOutput, VideoFrontend
+from encoders.transformer import SequenceClassifier
+from recipes.base import Config, UserError, encoder_config
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 CACHE_VERSION = 1  # bump when the cached representation changes
+VIDEO_MODEL_DEFAULTS = {
+    "model.pe": "cope",
+    "model.dim": 64,
+    "model.depth": 2,
+    "model.heads": 4,
+    "model.mlp_dim": 128,
+    "model.dropout": 0.0,
+    "model.pooling": "cls",
+    "model.tokenizer": "mlp-max",  # "mlp-max" (one token per tubelet step) | "patches" | "linear"
+    "model.tubelet_frames": 2,
+    "model.patch": 8,
+    "model.spatial_pe": "none",  # "none" | "learned" (a (h, w) embedding for patch tokens)
+}
+NPOS_CAP = 64  # default CoPE cap: above any count of events, far below patch-token counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +205,14 @@ def decode_all(
     cache_dir: Path | None,
     *,
     show_progress: bool = True,
-) -> tuple[list[Tensor | None], list[str]]:
-    """Decode (or load from the cache) every video; unreadable ones give None and a reason.
+) -> tuple[list[Tensor | Path | None], list[str]]:
+    """Decode every video, or find it in the cache; unreadable ones give None and a reason.
 
-    Cache layout: ``<cache_dir>/<settings key>/<file key>.pt`` holding the uint8 clip, or a
-    small dict ``{"error": reason}`` for a file that failed, so failures are not retried
-    until the file changes.
+    With a cache, each clip is returned as the path of its cached uint8 tensor (read back with
+    :func:`load_clip` when an item is used, so a large folder does not sit in memory);
+    without one, as the tensor itself. Cache layout: ``<cache_dir>/video-<settings key>/``
+    holding ``<file key>.pt`` for a clip, or ``<file key>.err`` (the reason) for a file that
+    failed, so failures are not retried until the file changes.
     """
     from rich.progress import (
         BarColumn,
@@ -204,7 +223,7 @@ def decode_all(
     )
 
     folder = cache_dir / f"video-{settings.key()}" if cache_dir is not None else None
-    clips: list[Tensor | None] = []
+    clips: list[Tensor | Path | None] = []
     errors: list[str] = []
     columns = (
         TextColumn("decoding videos"),
@@ -215,27 +234,44 @@ def decode_all(
     with Progress(*columns, disable=not show_progress, transient=True) as progress:
         task = progress.add_task("decode", total=len(paths))
         for path in paths:
-            target = folder / f"{_file_key(path, root)}.pt" if folder is not None else None
-            entry: Any = None
-            if target is not None and target.exists():
-                try:
-                    entry = torch.load(target, weights_only=True)
-                except Exception:  # a damaged cache file is decoded again
-                    entry = None
-            if entry is None:
-                try:
-                    entry = decode_video(path, settings)
-                except (ValueError, OSError) as error:
-                    entry = {"error": str(error)}
-                if target is not None:
-                    _save_atomically(entry, target)
-            if isinstance(entry, dict):
-                clips.append(None)
-                errors.append(entry["error"])
-            else:
-                clips.append(entry)
+            clip, error = _decode_cached(path, root, settings, folder)
+            clips.append(clip)
+            if error is not None:
+                errors.append(error)
             progress.advance(task)
     return clips, errors
+
+
+def _decode_cached(
+    path: Path, root: Path, settings: DecodeSettings, folder: Path | None
+) -> tuple[Tensor | Path | None, str | None]:
+    """One video through the cache: (clip or its cache path, None) or (None, reason)."""
+    if folder is None:
+        try:
+            return decode_video(path, settings), None
+        except (ValueError, OSError) as error:
+            return None, str(error)
+    key = _file_key(path, root)
+    stored, failed = folder / f"{key}.pt", folder / f"{key}.err"
+    if stored.exists():
+        return stored, None
+    if failed.exists():
+        return None, failed.read_text()
+    try:
+        clip = decode_video(path, settings)
+    except (ValueError, OSError) as error:
+        folder.mkdir(parents=True, exist_ok=True)
+        failed.write_text(str(error))
+        return None, str(error)
+    _save_atomically(clip, stored)
+    return stored, None
+
+
+def load_clip(clip: Tensor | Path) -> Tensor:
+    """A clip held in memory, or read from its cache file."""
+    if isinstance(clip, Tensor):
+        return clip
+    return torch.load(clip, weights_only=True)
 
 
 def find_videos(root: Path) -> dict[str, list[Path]]:
@@ -252,3 +288,67 @@ def find_videos(root: Path) -> dict[str, list[Path]]:
         if files:
             classes[folder.name] = files
     return classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class SpatialEmbedding(nn.Module):
+    """A video frontend whose patch tokens get a learned embedding of their (h, w) place.
+
+    Used with ``model.spatial_pe=learned`` beside a sequence encoding (CoPE, abs, ...) that only
+    sees the flat token order; tokens without coordinates pass through unchanged.
+    """
+
+    def __init__(self, frontend: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.frontend, self.dim, self.grid = frontend, frontend.dim, grid
+        self.table = nn.Parameter(torch.zeros(grid[0] * grid[1], frontend.dim))
+        nn.init.normal_(self.table, std=0.02)
+
+    def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FrontendOutput:
+        front = self.frontend(inputs, padding_mask)
+        if front.coords is None:
+            return front
+        place = front.coords[:, 1] * self.grid[1] + front.coords[:, 2]  # (T',) row-major patch
+        return front._replace(tokens=front.tokens + self.table[place])
+
+
+def build_video_classifier(config: Config, info: dict[str, Any]) -> nn.Module:
+    """Tubelet frontend (``model.tokenizer``) + encoder + classification head.
+
+    ``model.max_len`` is raised to the longest token sequence any split can produce (plus the
+    CLS token), so that learned absolute positions have a row for every token; rows past the
+    training clips' lengths stay untrained, which the OOD tables should say.
+    """
+    tokenizer = str(config["model.tokenizer"])
+    if tokenizer not in VideoFrontend.TOKENIZERS:
+        raise UserError(
+            f"model.tokenizer must be one of {', '.join(VideoFrontend.TOKENIZERS)}, "
+            f"got {tokenizer!r}"
+        )
+    spatial = str(config.get("model.spatial_pe", "none"))
+    if spatial not in ("none", "learned"):
+        raise UserError(f"model.spatial_pe must be 'none' or 'learned', got {spatial!r}")
+    patch = int(config["model.patch"])
+    frame_size = int(info["frame_size"])
+    if frame_size % patch:
+        raise UserError(f"model.patch ({patch}) must divide the frame size ({frame_size})")
+    tubelet = (int(config["model.tubelet_frames"]), patch, patch)
+    grid = (frame_size // patch, frame_size // patch)
+    steps = math.ceil(int(info["max_frames"]) / tubelet[0])
+    tokens = steps if tokenizer == "mlp-max" else steps * grid[0] * grid[1]
+    longest = tokens + 1  # the CLS token
+    max_len = max(int(config.get("model.max_len", 0) or 0), longest)
+    npos = config.get("model.npos")
+    if npos is None:  # CoPE's table has 2*npos-1 rows and z is (B, H, T, rows): keep it small
+        npos = min(max_len, NPOS_CAP)
+    try:
+        encoder = encoder_config({**config, "model.max_len": max_len, "model.npos": npos})
+    except (ValueError, TypeError) as error:
+        raise UserError(f"bad model option: {error}") from error
+    frontend: nn.Module = VideoFrontend(int(info["channels"]), encoder.dim, tubelet, tokenizer)
+    if spatial == "learned":
+        frontend = SpatialEmbedding(frontend, grid)
+    return SequenceClassifier(frontend, encoder, int(info["num_classes"]))

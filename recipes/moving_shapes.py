@@ -44,19 +44,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
-from encoders.frontends import FrontendOutput, VideoFrontend
-from encoders.transformer import SequenceClassifier
-from recipes._video import drop_frames, pad_frames, repeat_frames
+from recipes._video import (
+    VIDEO_MODEL_DEFAULTS,
+    build_video_classifier,
+    drop_frames,
+    pad_frames,
+    repeat_frames,
+)
 from recipes.base import (
     Config,
     DataBundle,
     Recipe,
     Split,
     UserError,
-    encoder_config,
     pad_collate,
     register_recipe,
 )
@@ -65,7 +68,6 @@ KINDS = ("square", "disk", "plus", "triangle", "ring", "diamond")
 QUESTION_TYPES = ("nth", "count")
 GLYPH_SIZE = 8
 MAX_ONSETS = 32  # onsets are stored in a fixed-size tensor (-1 padded) so batches stack
-NPOS_CAP = 64  # default CoPE cap: above any count of appearances, far below patch-token counts
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2, "fast": 3, "long": 4}  # "slow" reuses test
 
 
@@ -375,17 +377,7 @@ class MovingShapes(Recipe):
         "data.max_nth": 3,
         "data.questions": "nth,count",
         "data.noise": 0.0,
-        "model.pe": "cope",
-        "model.dim": 64,
-        "model.depth": 2,
-        "model.heads": 4,
-        "model.mlp_dim": 128,
-        "model.dropout": 0.0,
-        "model.pooling": "cls",
-        "model.tokenizer": "mlp-max",
-        "model.tubelet_frames": 2,
-        "model.patch": 8,
-        "model.spatial_pe": "none",
+        **VIDEO_MODEL_DEFAULTS,
         "train.steps": 1000,
         "train.batch_size": 32,
         "train.lr": 1e-3,
@@ -448,6 +440,7 @@ class MovingShapes(Recipe):
             "frame_size": spec.size,
             "max_frames": longest_frames,
             "question_frames": tubelet,
+            "tubelet_frames": tubelet,
             "kinds": list(KINDS[: spec.kinds]),
         }
         train = dataset("train", spec, int(config["data.train_size"]))
@@ -472,63 +465,3 @@ class MovingShapes(Recipe):
     def split_names(self) -> list[str]:
         """The evaluation splits: val, test and the OOD slow, fast and long."""
         return ["val", "test", "slow", "fast", "long"]
-
-
-class SpatialEmbedding(nn.Module):
-    """A video frontend whose patch tokens get a learned embedding of their (h, w) place.
-
-    Used with ``model.spatial_pe=learned`` beside a sequence encoding (CoPE, abs, ...) that only
-    sees the flat token order; tokens without coordinates pass through unchanged.
-    """
-
-    def __init__(self, frontend: nn.Module, grid: tuple[int, int]) -> None:
-        super().__init__()
-        self.frontend, self.dim, self.grid = frontend, frontend.dim, grid
-        self.table = nn.Parameter(torch.zeros(grid[0] * grid[1], frontend.dim))
-        nn.init.normal_(self.table, std=0.02)
-
-    def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FrontendOutput:
-        front = self.frontend(inputs, padding_mask)
-        if front.coords is None:
-            return front
-        place = front.coords[:, 1] * self.grid[1] + front.coords[:, 2]  # (T',) row-major patch
-        return front._replace(tokens=front.tokens + self.table[place])
-
-
-def build_video_classifier(config: Config, info: dict[str, Any]) -> nn.Module:
-    """Tubelet frontend (``model.tokenizer``) + encoder + classification head.
-
-    ``model.max_len`` is raised to the longest token sequence any split can produce (plus the
-    CLS token), so that learned absolute positions have a row for every token; rows past the
-    training clips' lengths stay untrained, which the OOD tables should say.
-    """
-    tokenizer = str(config["model.tokenizer"])
-    if tokenizer not in VideoFrontend.TOKENIZERS:
-        raise UserError(
-            f"model.tokenizer must be one of {', '.join(VideoFrontend.TOKENIZERS)}, "
-            f"got {tokenizer!r}"
-        )
-    spatial = str(config.get("model.spatial_pe", "none"))
-    if spatial not in ("none", "learned"):
-        raise UserError(f"model.spatial_pe must be 'none' or 'learned', got {spatial!r}")
-    patch = int(config["model.patch"])
-    frame_size = int(info["frame_size"])
-    if frame_size % patch:
-        raise UserError(f"model.patch ({patch}) must divide the frame size ({frame_size})")
-    tubelet = (int(config["model.tubelet_frames"]), patch, patch)
-    grid = (frame_size // patch, frame_size // patch)
-    steps = math.ceil(int(info["max_frames"]) / tubelet[0])
-    tokens = steps if tokenizer == "mlp-max" else steps * grid[0] * grid[1]
-    longest = tokens + 1  # the CLS token
-    max_len = max(int(config.get("model.max_len", 0) or 0), longest)
-    npos = config.get("model.npos")
-    if npos is None:  # CoPE's table has 2*npos-1 rows and z is (B, H, T, rows): keep it small
-        npos = min(max_len, NPOS_CAP)
-    try:
-        encoder = encoder_config({**config, "model.max_len": max_len, "model.npos": npos})
-    except (ValueError, TypeError) as error:
-        raise UserError(f"bad model option: {error}") from error
-    frontend: nn.Module = VideoFrontend(int(info["channels"]), encoder.dim, tubelet, tokenizer)
-    if spatial == "learned":
-        frontend = SpatialEmbedding(frontend, grid)
-    return SequenceClassifier(frontend, encoder, int(info["num_classes"]))

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.cope import CoPE, compute_dtype, reference_cope_attention
@@ -312,7 +313,8 @@ class T5RelativePositions(PositionEncoding):
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
         )
-        return self.bias[buckets].permute(2, 0, 1)  # (heads, T, T)
+        # F.embedding rather than indexing: its backward is a dense sum per bucket, not a scatter.
+        return F.embedding(buckets, self.bias).permute(2, 0, 1)  # (heads, T, T)
 
 
 @register_position_encoding("cope")

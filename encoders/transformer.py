@@ -176,7 +176,10 @@ class SequenceClassifier(nn.Module):
         self.config = config
         self.project = _project(frontend.dim, config.dim)
         self.encoder = Encoder(config)
-        self.cls_token = nn.Parameter(torch.randn(config.dim) * 0.02)
+        # Only a CLS readout has the token: an unused parameter would upset DDP.
+        self.cls_token = (
+            nn.Parameter(torch.randn(config.dim) * 0.02) if config.pooling == "cls" else None
+        )
         self.head = nn.Linear(config.dim, num_classes)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:

@@ -54,7 +54,8 @@ def _inputs(batch, heads, length, head_dim, rows, per_head, scale=1.5):
     generator = torch.Generator().manual_seed(7)
 
     def draw(*shape, std=1.0):
-        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).requires_grad_()
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64) * std
+        return values.requires_grad_()
 
     q, k, v = (draw(batch, heads, length, head_dim, std=scale) for _ in range(3))
     table = draw(*((heads,) if per_head else ()), rows, head_dim, std=0.7)

@@ -221,3 +221,14 @@ def test_encoders_import_nothing_from_recipes_or_the_cli():
                 names = [node.module]
             for name in names:
                 assert not name.startswith(("recipes", "cope_cli")), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_every_classifier_parameter_gets_a_gradient(pooling, causal):
+    # DistributedDataParallel fails on parameters that never receive a gradient.
+    config = small_config(pe="abs", causal=causal, pooling=pooling)
+    model = SequenceClassifier(FeatureFrontend(5, 16, stack=2), config, num_classes=3)
+    model(torch.randn(2, 7, 5)).sum().backward()
+    unused = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert unused == []

@@ -252,3 +252,23 @@ def test_example_signal_marks_the_token_where_each_shape_appears(bundle) -> None
     assert signal["image"].shape == (len(clip.frames), 32, 32)
     assert signal["onsets"] == [onset // 2 for onset in clip.onsets]
     assert len(signal["onsets"]) == len(clip.events) and signal["onsets"][0] >= 1
+
+
+def test_cli_trains_and_evaluates_every_split_end_to_end(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    arguments = ["train", "moving-shapes", "--pe", "cope", "--steps", "4", "--preset", "tiny"]
+    arguments += ["--out", str(tmp_path)]
+    for option in ("data.train_size=32", "data.eval_size=8", "train.batch_size=8"):
+        arguments += ["--set", option]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    [run_dir] = list((tmp_path / "moving-shapes" / "cope").iterdir())
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    text = json.dumps(evaluation)
+    for split in ("val", "test", "slow", "fast", "long"):
+        assert f'"{split}"' in text

@@ -177,3 +177,31 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path: Path) -> None:
         (tmp_path / "dogs" / f"bad{index}.mkv").write_bytes(b"junk")
     with pytest.raises(UserError, match="no readable video"):
         recipe.build_data({**FAST, "data.cache": False}, tmp_path, False)
+
+
+def test_cli_trains_a_few_steps_on_a_video_folder(folder: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    arguments = ["train", "video-folder", "--pe", "rope", "--steps", "3", "--preset", "tiny"]
+    arguments += ["--data-dir", str(folder), "--out", str(tmp_path / "runs")]
+    options = [f"{key}={value}" for key, value in FAST.items() if key != "data.progress"]
+    options += [f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4"]
+    for option in options:
+        arguments += ["--set", option]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "skipped 2" in result.output
+    assert list((tmp_path / "runs" / "video-folder" / "rope").glob("*/eval.json"))
+
+
+def test_cli_reports_a_missing_folder_in_one_sentence(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    arguments = ["train", "video-folder", "--steps", "1", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*arguments, "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code != 0
+    assert "does not exist" in result.output and "Traceback" not in result.output

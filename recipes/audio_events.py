@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from encoders.frontends import AudioFeatures, FeatureFrontend, FrontendOutput
-from recipes._audio import Ragged, cached, default_cache_dir, settings_hash
+from recipes._audio import Ragged, cached, default_cache_dir, settings_hash, single_thread
 from recipes.base import (
     Config,
     DataBundle,
@@ -247,16 +247,17 @@ def generate_split(name: str, settings: EventSettings) -> dict[str, Any]:
     )
     low, high = settings.ood_events if ood_counts else settings.events
     features, questions, answers, event_rows = [], [], [], []
-    for _ in range(size):
-        count = int(rng.integers(low, high + 1))
-        events, length = draw_events(rng, settings, count, tempo)
-        wave = render_clip(rng, events, length, settings)
-        with torch.no_grad():
-            features.append(analyzer(torch.from_numpy(wave)))
-        question = draw_question(rng, settings)
-        questions.append(question)
-        answers.append(answer(events, question, settings))
-        event_rows.append([(e.kind, e.onset, e.length, e.amplitude) for e in events])
+    with single_thread():
+        for _ in range(size):
+            count = int(rng.integers(low, high + 1))
+            events, length = draw_events(rng, settings, count, tempo)
+            wave = render_clip(rng, events, length, settings)
+            with torch.no_grad():
+                features.append(analyzer(torch.from_numpy(wave)))
+            question = draw_question(rng, settings)
+            questions.append(question)
+            answers.append(answer(events, question, settings))
+            event_rows.append([(e.kind, e.onset, e.length, e.amplitude) for e in events])
     flat_events = torch.tensor([row for rows in event_rows for row in rows], dtype=torch.float64)
     event_offsets = torch.tensor([0, *np.cumsum([len(rows) for rows in event_rows])])
     ragged = Ragged.from_list(features, dtype=torch.float32)

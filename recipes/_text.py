@@ -180,7 +180,7 @@ SMALL_TRAIN: Config = {
     "train.schedule": "cosine",
     "train.grad_clip": 1.0,
     "train.eval_every": 250,
-    "train.eval_batch_size": 250,
+    "train.eval_batch_size": 50,
 }
 PAPER_MODEL: Config = {
     "model.dim": 256,

@@ -37,6 +37,7 @@ tokens (16 per step) were 2.5x slower and did not learn within 3 CPU-minutes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,8 +72,9 @@ MAX_ONSETS = 32  # onsets are stored in a fixed-size tensor (-1 padded) so batch
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2, "fast": 3, "long": 4}  # "slow" reuses test
 
 
+@functools.lru_cache(maxsize=64)
 def shape_mask(kind: str, size: int) -> np.ndarray:
-    """The boolean (size, size) stencil of a shape kind."""
+    """The boolean (size, size) stencil of a shape kind (cached, read-only)."""
     centre = (size - 1) / 2
     rows, cols = np.mgrid[0:size, 0:size]
     dy, dx = rows - centre, cols - centre
@@ -93,14 +95,17 @@ def shape_mask(kind: str, size: int) -> np.ndarray:
         mask = np.abs(dy) + np.abs(dx) <= half
     else:
         raise ValueError(f"unknown shape kind {kind!r}; choose one of {', '.join(KINDS)}")
+    mask.flags.writeable = False
     return mask
 
 
+@functools.lru_cache(maxsize=256)
 def question_glyph(question: int) -> np.ndarray:
-    """The fixed 8 x 8 binary pattern that asks question number ``question``."""
+    """The fixed 8 x 8 binary pattern that asks question number ``question`` (read-only)."""
     rng = np.random.default_rng(10_000 + question)
     glyph = rng.random((GLYPH_SIZE, GLYPH_SIZE)) < 0.5
     glyph[0, 0], glyph[-1, -1] = True, False  # never blank, never full
+    glyph.flags.writeable = False
     return glyph
 
 

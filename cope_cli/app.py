@@ -1,14 +1,554 @@
-"""The `cope` command line."""
+"""The `cope` command line: commands parse options, call the engine, and render the results.
+
+Errors a user can fix (recipes.base.UserError, missing files, out of memory) end with one red
+line ``error: ...`` and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-app = typer.Typer(help="Contextual Position Encoding experiments.", no_args_is_help=True)
+from cope_cli.render import (
+    RichObserver,
+    comparison_table,
+    console,
+    error_console,
+    evaluation_table,
+    print_files,
+)
+
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+app = typer.Typer(
+    help="Contextual Position Encoding (CoPE) experiments: train, evaluate and compare "
+    "position encodings on speech, video and text recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-@app.command()
-def recipes() -> None:
-    """List recipes."""
+def fail(message: str) -> typer.Exit:
+    """Print one red error line and return the exit to raise."""
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(USER_ERROR_EXIT)
+
+
+def user_errors(command: Command) -> Command:
+    """Turn the errors a user can cause into one clear line and exit code 2."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        from recipes.base import UserError
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            raise fail(str(error)) from None
+        except FileNotFoundError as error:
+            raise fail(f"file not found: {error.filename or error}") from None
+        except torch.OutOfMemoryError:
+            raise fail(
+                "out of memory; try a smaller train.batch_size (--set train.batch_size=N), "
+                "a smaller model, or --device cpu"
+            ) from None
+
+    return guarded  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"cope {version('cope-cli')}")
+        except PackageNotFoundError:
+            console.print("cope (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Contextual Position Encoding (CoPE) experiments.
+
+    Example: cope train counting --pe cope --steps 300
+    """
+
+
+# Options shared by `train` and `compare` (Annotated so both commands document them alike).
+SeedOption = Annotated[
+    int | None, typer.Option(help="Training seed (init, data order). Default: 0.")
+]
+StepsOption = Annotated[
+    int | None,
+    typer.Option(help="Optimiser steps (train.steps). Default: the recipe's.", min=1),
+]
+EpochsOption = Annotated[
+    int | None,
+    typer.Option(help="Train for N epochs instead of --steps (train.epochs).", min=1),
+]
+PresetOption = Annotated[
+    str | None, typer.Option(help="Model/budget preset of the recipe. Default: the recipe's.")
+]
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto, cpu or cuda (auto: cuda when present). Default: auto.")
+]
+DataDirOption = Annotated[
+    Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
+]
+DownloadOption = Annotated[
+    bool, typer.Option("--download", help="Fetch the recipe's dataset into --data-dir first.")
+]
+OutOption = Annotated[Path, typer.Option(help="Root of the run directories.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override any option, repeatable: --set train.lr=3e-4 --set model.depth=4 "
+        "(highest precedence).",
+    ),
+]
+RecipeFileOption = Annotated[
+    Path | None,
+    typer.Option(help="TOML file of options (and optionally recipe = ..., preset = ...)."),
+]
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Train again even if an identical finished run exists.")
+]
+
+
+def _resolve(
+    recipe_arg: str | None,
+    *,
+    recipe_file: Path | None,
+    preset: str | None,
+    pe: str | None,
+    seed: int | None,
+    steps: int | None,
+    epochs: int | None,
+    device: str | None,
+    sets: list[str] | None,
+) -> tuple[str, str | None, dict[str, Any]]:
+    """Recipe name, preset and the keyword arguments of resolve_config from CLI options."""
+    from recipes.base import UserError
+    from recipes.engine.config import load_recipe_file, parse_set_option
+
+    file_options: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    if recipe_file is not None:
+        file_options, meta = load_recipe_file(recipe_file)
+    recipe_name = recipe_arg or meta.get("recipe")
+    if recipe_name is None:
+        raise UserError("name a recipe (cope train RECIPE) or set recipe = ... in --recipe-file")
+    if recipe_arg and meta.get("recipe") and meta["recipe"] != recipe_arg:
+        raise UserError(
+            f"the recipe file is for {meta['recipe']!r} but the command names {recipe_arg!r}"
+        )
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    cli_options: dict[str, Any] = {
+        "model.pe": pe,
+        "train.seed": seed,
+        "train.steps": steps,
+        "train.epochs": epochs if epochs is not None else (0 if steps is not None else None),
+        "train.device": device,
+    }
+    set_options = dict(parse_set_option(text) for text in sets or [])
+    return (
+        recipe_name,
+        preset if preset is not None else meta.get("preset"),
+        {"file_options": file_options, "cli_options": cli_options, "set_options": set_options},
+    )
+
+
+@app.command("recipes")
+@user_errors
+def recipes_command(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'audio*'.")] = "*",
+) -> None:
+    """List the recipes: name, modality, task, evaluation splits and data source.
+
+    Example: cope recipes
+    """
+    from rich.table import Table
+
+    from recipes.base import get_recipe, list_recipes
+
+    table = Table(title="cope recipes")
+    for column in ("name", "modality", "task", "splits", "data source", "presets"):
+        table.add_column(column, overflow="fold")
+    for name in list_recipes(pattern):
+        recipe = get_recipe(name)
+        presets = ", ".join(
+            f"{preset}*" if preset == recipe.default_preset else preset for preset in recipe.presets
+        )
+        table.add_row(
+            name,
+            recipe.modality,
+            recipe.task,
+            ", ".join(recipe.split_names()),
+            recipe.data_source,
+            presets,
+        )
+    console.print(table)
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
+    ] = None,
+    pe: Annotated[
+        str | None,
+        typer.Option(help="Position encoding: nope, abs, sin, rope, alibi, rel, cope, cope+rope."),
+    ] = None,
+    seed: SeedOption = None,
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    preset: PresetOption = None,
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    out: OutOption = Path("runs"),
+    set_: SetOption = None,
+    recipe_file: RecipeFileOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the newest unfinished run with these options (or reuse a finished one).",
+        ),
+    ] = False,
+    force: ForceOption = False,
+) -> None:
+    """Train one model and evaluate it on every split with its best checkpoint.
+
+    Precedence: engine defaults < recipe < preset < --recipe-file < --steps/--pe/... < --set.
+
+    The run goes to OUT/RECIPE/PE/seedN-STAMP/.
+
+    Ctrl-C stops after saving a checkpoint; --resume continues it bit for bit.
+
+    Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
+    """
+    from recipes.base import get_recipe
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import TrainOptions, train
+
+    recipe_name, preset_name, layers = _resolve(
+        recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
+        epochs=epochs, device=device, sets=set_,
+    )  # fmt: skip
+    recipe_obj = get_recipe(recipe_name)
+    config = resolve_config(recipe_obj, preset=preset_name, **layers)
+    options = TrainOptions(
+        out=out,
+        data_dir=data_dir,
+        download=download,
+        resume=resume,
+        on_finished="new" if force else "error",
+        preset=preset_name,
+    )
+    result = train(recipe_name, config, options, RichObserver())
+    if result.status == "interrupted":
+        error_console.print(
+            f"[yellow]interrupted at step {result.step}[/]; checkpoint saved in {result.run_dir}. "
+            "Continue with the same command and --resume.",
+            highlight=False,
+        )
+        raise typer.Exit(INTERRUPTED_EXIT)
+    if result.status == "stopped":
+        console.print(f"stopped at step {result.step}; continue with --resume", highlight=False)
+        return
+    title = f"{recipe_name} pe={config['model.pe']} seed={config['train.seed']}"
+    console.print(evaluation_table(result.evaluation, title))
+    console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
+
+
+def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
+    from recipes.base import RECIPES, UserError, list_recipes
+    from recipes.engine.runs import newest_run
+
+    path = Path(target)
+    if path.is_dir():
+        return path
+    list_recipes()  # fills the registry
+    if target not in RECIPES:
+        raise UserError(
+            f"{target!r} is neither a run directory nor a recipe; recipes: "
+            f"{', '.join(list_recipes())}"
+        )
+    return newest_run(out, target, pe)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory, or a recipe name (then the newest finished run of it).",
+            show_default=False,
+        ),
+    ],
+    pe: Annotated[
+        str | None, typer.Option(help="With a recipe name: the encoding of the run to pick.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="A split name, or 'all'.")] = "all",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    out: OutOption = Path("runs"),
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Evaluate a trained run (best checkpoint) on one split or all of them.
+
+    Example: cope eval counting --pe cope --split long
+    """
+    from recipes.engine.runs import evaluate_run
+
+    run_dir = _find_eval_target(target, pe, out)
+    splits = None if split == "all" else [split]
+    observer = RichObserver(error_console) if not json_output else None
+    result = evaluate_run(
+        run_dir, splits, device=device or "auto", observer=observer, data_dir=data_dir
+    )
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(
+        evaluation_table(result, f"{result['recipe']} pe={result['pe']} seed={result['seed']}")
+    )
+    console.print(f"run directory: {run_dir} ({result['weights']})", highlight=False)
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
+    ] = None,
+    pe: Annotated[
+        str, typer.Option(help="Comma-separated position encodings to compare.")
+    ] = "cope,rope,abs",
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    preset: PresetOption = None,
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    out: OutOption = Path("runs"),
+    set_: SetOption = None,
+    recipe_file: RecipeFileOption = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Train every run afresh instead of reusing/resuming identical ones."
+        ),
+    ] = False,
+) -> None:
+    """Train each encoding x seed under the same budget and compare them on every split.
+
+    Identical finished runs under --out are reused and unfinished ones resumed.
+
+    Writes results.json, results.csv, report.md and a bar plot per split
+    to OUT/RECIPE/compare-STAMP/.
+
+    Example: cope compare audio-events --pe cope,rope,abs --seeds 3
+    """
+    from recipes.base import get_recipe
+    from recipes.engine.compare import compare, parse_pe_list, seed_list
+    from recipes.engine.trainer import TrainOptions
+
+    recipe_name, preset_name, layers = _resolve(
+        recipe, recipe_file=recipe_file, preset=preset, pe=None, seed=None, steps=steps,
+        epochs=epochs, device=device, sets=set_,
+    )  # fmt: skip
+    get_recipe(recipe_name)
+    options = TrainOptions(
+        out=out,
+        data_dir=data_dir,
+        download=download,
+        resume=not force,
+        on_finished="new" if force else "reuse",
+    )
+    result = compare(
+        recipe_name,
+        parse_pe_list(pe),
+        seed_list(seeds, seed),
+        preset=preset_name,
+        options=options,
+        observer=RichObserver(),
+        **layers,
+    )
+    _finish_grid(result)
+
+
+def _finish_grid(result: Any) -> None:
+    if result.interrupted:
+        error_console.print(
+            "[yellow]interrupted[/]; run the same command again to continue.", highlight=False
+        )
+        raise typer.Exit(INTERRUPTED_EXIT)
+    for group in result.results:
+        console.print(comparison_table(group))
+    print_files(result.files)
+
+
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    file: Annotated[Path, typer.Argument(help="Sweep file (TOML).", show_default=False)],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Root of the run directories. Default: the file's `out`, else runs."),
+    ] = None,
+    device: DeviceOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Train every run afresh instead of reusing them.")
+    ] = False,
+) -> None:
+    """Run a grid of recipes x encodings x seeds x option sets from a TOML file; one report.
+
+    Keys: recipes = ["counting"], pes = ["cope", "abs"], seeds = 2, preset = "..." (optional).
+
+    Tables: [options] for every run; [[variants]] (each with a name) as option sets.
+
+    Example: cope sweep sweep.toml --out runs/sweep1
+    """
+    from recipes.engine.compare import sweep
+    from recipes.engine.trainer import TrainOptions
+
+    options = TrainOptions(resume=not force, on_finished="new" if force else "reuse")
+    if device is not None:
+        raise_unless_device(device)
+    result = sweep(file, options=options, observer=RichObserver(), out=out)
+    _finish_grid(result)
+
+
+def raise_unless_device(device: str) -> None:
+    """`--device` on sweep: only checked here, the file's runs use their own train.device."""
+    from recipes.engine.trainer import resolve_device
+
+    resolve_device(device)
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    runs_dir: Annotated[
+        Path, typer.Argument(help="Folder with run directories (searched recursively).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the report. Default: RUNS_DIR/report.")
+    ] = None,
+) -> None:
+    """Rebuild the tables, CSV, plots and a markdown report from finished run directories.
+
+    Runs that differ only in encoding and seed form one table.
+
+    Other differences (lr, preset, ...) make separate tables, titled by what differs.
+
+    Example: cope report runs/
+    """
+    from recipes.base import UserError
+    from recipes.engine.report import build_report
+
+    if not runs_dir.is_dir():
+        raise UserError(f"runs directory not found: {runs_dir}")
+    results, files = build_report([runs_dir], out or runs_dir / "report")
+    for group in results:
+        console.print(comparison_table(group))
+    print_files(files)
+
+
+@app.command("positions")
+@user_errors
+def positions_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    example: Annotated[int, typer.Option(help="Index of the example in the split.")] = 0,
+    split: Annotated[
+        str, typer.Option(help="Split to take the example from (or 'train').")
+    ] = "val",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the PNGs. Default: RUN_DIR/positions.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Per-layer heatmaps of CoPE's contextual positions p_ij and of the attention (PNG).
+
+    Above them: the recipe's example signal (spectrogram, frames or tokens; onsets marked).
+
+    Runs with other encodings get attention maps only.
+
+    Example: cope positions runs/counting/cope/seed0-20250101-120000 --example 3
+    """
+    from recipes.engine.heatmaps import plot_positions
+
+    paths, summary = plot_positions(
+        run_dir, example=example, split=split, out_dir=out, device=device
+    )
+    if not summary["has_positions"]:
+        console.print(f"pe={summary['pe']} has no contextual positions: attention maps only")
+    else:
+        caps = ", ".join(f"{value:.1f}" for value in summary["max_position"])
+        console.print(f"largest |p_ij| per layer: {caps}", highlight=False)
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("data")
+@user_errors
+def data_command(
+    recipe: Annotated[str, typer.Argument(help="Recipe name.", show_default=False)],
+    root: Annotated[Path, typer.Option(help="Where to put the dataset.")] = Path("data"),
+) -> None:
+    """Fetch a recipe's dataset into ROOT (recipes with data source 'download').
+
+    Example: cope data speech-commands --root data/
+    """
+    from recipes.base import get_recipe
+
+    path = get_recipe(recipe).download(root)
+    console.print(f"data ready in [bold]{path}[/]", highlight=False)
+
+
+def _mount_optional_commands() -> None:
+    """Mount `cope bench` once cope_cli/bench.py (the performance engineer's) exists."""
+    if (Path(__file__).with_name("bench.py")).is_file():
+        from cope_cli.bench import bench_app
+
+        app.add_typer(bench_app, name="bench")
+
+
+_mount_optional_commands()
 
 
 def main() -> None:
+    """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

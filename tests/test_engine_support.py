@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from recipes.base import DataBundle, Recipe, Split, UserError, pad_collate, register_recipe
+from recipes.engine.trainer import TrainObserver as TrainObserverBase  # noqa: F401
 
 
 class ListDataset(Dataset):
@@ -160,3 +161,29 @@ class TinyEcho(Recipe):
 
     def build_model(self, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
         return PooledClassifier(5, config["model.dim"], 5, 0.0, per_token=True)
+
+
+@register_recipe
+class TinyMajorityTransformer(TinyMajority):
+    """tiny-majority with the real encoder (TokenFrontend + SequenceClassifier), for heatmaps."""
+
+    name = "tiny-majority-tf"
+    defaults = {
+        **TinyMajority.defaults,
+        "model.depth": 1,
+        "model.heads": 2,
+        "model.mlp_dim": 32,
+        "model.max_len": 40,
+        "model.dropout": 0.0,
+        "train.steps": 6,
+        "train.eval_every": 3,
+    }
+    presets = {}
+
+    def build_model(self, config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+        from encoders.frontends import TokenFrontend
+        from encoders.transformer import SequenceClassifier
+        from recipes.base import encoder_config
+
+        encoder = encoder_config(config)
+        return SequenceClassifier(TokenFrontend(info["vocab_size"], encoder.dim), encoder, 2)

@@ -1,0 +1,147 @@
+"""Rendering for the CLI: progress bars for training and evaluation, and result tables."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from recipes.engine.evaluate import metric_label, metric_value
+from recipes.engine.report import format_cell, split_heading
+from recipes.engine.trainer import TrainObserver
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+class RichObserver(TrainObserver):
+    """Progress bars on a terminal (loss, step/s, ETA); plain lines otherwise."""
+
+    def __init__(self, out: Console | None = None) -> None:
+        self.console = out or console
+        self.live = self.console.is_terminal
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.eval_tasks: dict[str, Any] = {}
+        self.started = time.perf_counter()
+        self.start_step = 0
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def train_start(self, run_dir: Path, start_step: int, total_steps: int) -> None:
+        self.console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
+        self.started, self.start_step = time.perf_counter(), start_step
+        if not self.live:
+            return
+        self.progress = Progress(
+            TextColumn("[bold blue]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} step/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, loss="-", rate="-"
+        )
+
+    def train_step(self, step: int, loss: float, lr: float) -> None:
+        if self.progress is None:
+            return
+        rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+
+    def eval_progress(self, split: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if split not in self.eval_tasks:
+            self.eval_tasks[split] = self.progress.add_task(
+                f"eval {split}", total=total, loss="", rate=""
+            )
+        self.progress.update(self.eval_tasks[split], completed=done, visible=done < total)
+        if done >= total:
+            self.progress.remove_task(self.eval_tasks.pop(split))
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if step >= 0:
+            text = (
+                f"step {step}: {split} accuracy {metrics['accuracy']:.4f} "
+                f"loss {metrics['loss']:.4f}"
+            )
+            (self.progress.console if self.progress else self.console).print(text, highlight=False)
+
+    def train_end(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self.eval_tasks = {}
+
+
+def evaluation_table(evaluation: dict[str, Any], title: str) -> Table:
+    """One run's splits: metric, loss and number of answers, OOD marked."""
+    metric = evaluation.get("metric", "accuracy")
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column("OOD")
+    table.add_column(metric_label(metric), justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("answers", justify="right")
+    table.add_column("description")
+    digits = 2 if metric == "error" else 4
+    for name, result in evaluation["splits"].items():
+        table.add_row(
+            name,
+            "yes" if result.get("ood") else "",
+            f"{metric_value(result['accuracy'], metric):.{digits}f}",
+            f"{result['loss']:.4f}",
+            str(result["count"]),
+            result.get("description", ""),
+        )
+    return table
+
+
+def comparison_table(result: dict[str, Any]) -> Table:
+    """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds."""
+    table = Table(
+        title=f"{result['title']} — {result['metric_label']}, mean ± std [95% CI] over seeds",
+        show_lines=False,
+    )
+    table.add_column("pe", style="bold")
+    table.add_column("seeds", justify="right")
+    for name, entry in result["splits"].items():
+        table.add_column(split_heading(name, entry), justify="right")
+    for pe in result["pes"]:
+        cells, seeds = [], 0
+        for entry in result["splits"].values():
+            summary = entry["by_pe"].get(pe)
+            cells.append(format_cell(summary, result["metric"]) if summary else "–")
+            seeds = max(seeds, summary["n"] if summary else 0)
+        table.add_row(pe, str(seeds), *cells)
+    return table
+
+
+def print_files(files: dict[str, Any]) -> None:
+    """Say where a comparison's or report's files went."""
+    console.print(f"results: [bold]{files['json']}[/], [bold]{files['csv']}[/]", highlight=False)
+    console.print(f"report:  [bold]{files['markdown']}[/]", highlight=False)
+    if files["plots"]:
+        folder = Path(files["plots"][0]).parent
+        names = ", ".join(Path(path).name for path in files["plots"])
+        console.print(f"plots:   {folder}/ ({names})", highlight=False)

@@ -47,9 +47,8 @@ from torch import Tensor
 
 from encoders.cope import compute_dtype, npos_of_table
 
-DEFAULT_BLOCK = 64  # query rows per block: the unit of the batched band matmuls
-DEFAULT_CHUNK = 64  # key distances per band chunk
-# Band elements (B * H * rows * chunk) processed at once: bounds the band's working memory
+DEFAULT_BLOCK = 32  # rows and keys per band tile: the unit of the batched band matmuls
+# Band elements (B * H * rows * block) processed at once: bounds the band's working memory
 # (about a dozen tensors of this size are alive inside a step) independently of T.
 GROUP_ELEMENTS = 1 << 18
 
@@ -63,8 +62,8 @@ class _DirectionState:
 
     flipped: bool  # the band frame is the reversed sequence (the causal, leftward half)
     strict: bool  # the diagonal key belongs to the other direction
-    chunks: int  # band chunks walked; band width S = chunks * chunk
-    carries: list[Tensor]  # gate sum entering each chunk, (B, H, Tp) in the band frame
+    tiles: int  # full band tiles walked; the band is distances [strict, strict + tiles*block)
+    carries: list[Tensor]  # gate sum entering each tile (incl. the final one), band frame
     far_out: Tensor | None  # normalised far-region output, far frame rows F..T-1
     far_lse: Tensor | None  # its log-sum-exp including the bias, (B, H, T - F)
     far_bias: Tensor | None  # the bias z_i[npos-1] of those rows, (B, H, T - F)
@@ -85,7 +84,14 @@ def _merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 class _Band:
-    """Batched band geometry for one direction: padded tensors, windows, skewed views."""
+    """Tile geometry of one direction's band, in the look-ahead frame.
+
+    Rows are cut into blocks of ``block``; tile c pairs query block u with key block u + c, for
+    all u at once (one batched matmul, no skewing). Tile 0 holds the keys at and right of the
+    diagonal (``m >= r + strict`` for row r, key m of the tile); after n full tiles a final
+    tile holds ``m < r + strict``, so that every row's band is exactly the distances
+    [strict, strict + n * block): a uniform cut, and the far region is one shifted causal call.
+    """
 
     def __init__(
         self,
@@ -98,98 +104,65 @@ class _Band:
         strict: bool,
         npos: int,
         block: int,
-        chunk: int,
     ) -> None:
         batch, heads, length, dim = qs.shape
         self.batch, self.heads, self.length, self.dim = batch, heads, length, dim
-        self.strict, self.npos, self.block, self.chunk = int(strict), npos, block, chunk
+        self.strict, self.npos, self.block = int(strict), npos, block
         self.blocks = -(-length // block)
-        self.padded = self.blocks * block  # Tp: queries padded to whole blocks
-        self.window = block + chunk - 1  # keys one query block sees in one chunk
-        # Keys are padded far enough for any chunk's windows (distances up to T + chunk).
-        key_room = self.padded + length + chunk + block + 1
-        self.key_room = key_room
-        self.q_blocks = F.pad(qs, (0, 0, 0, self.padded - length)).view(
+        self.padded = self.blocks * block  # Tp: rows padded to whole blocks
+        key_blocks = 2 * self.blocks + 1  # tiles reach at most blocks + 1 past a query block
+        self.q = F.pad(qs, (0, 0, 0, self.padded - length)).view(
             batch, heads, self.blocks, block, dim
         )
-        self.k = F.pad(k, (0, 0, 0, key_room - length))
-        self.v = F.pad(v, (0, 0, 0, key_room - length))
-        valid = torch.zeros(batch, key_room, dtype=torch.bool, device=qs.device)
+        key_rows = key_blocks * block
+        self.k = F.pad(k, (0, 0, 0, key_rows - length)).view(batch, heads, key_blocks, block, dim)
+        self.v = F.pad(v, (0, 0, 0, key_rows - length)).view(batch, heads, key_blocks, block, dim)
+        valid = torch.zeros(batch, key_rows, dtype=torch.bool, device=qs.device)
         valid[:, :length] = True if key_valid is None else key_valid
-        self.valid = valid
+        self.valid = valid.view(batch, 1, key_blocks, 1, block)
         self.has_padding = key_valid is not None
-        rows = self.padded
-        z = F.pad(z, (0, 0, 0, rows - length))
-        # Difference table dz[n] = z[n+1] - z[n] (0 past the cap): interpolation is one gather.
+        z = F.pad(z, (0, 0, 0, self.padded - length))
+        # Difference table dz[n] = z[n+1] - z[n] (0 at the cap): interpolation is one gather.
         dz = F.pad(z[..., 1:] - z[..., :-1], (0, 1))
         self.z = z.view(batch, heads, self.blocks, block, npos)
         self.dz = dz.view(batch, heads, self.blocks, block, npos)
-        per_block = batch * heads * block * chunk
+        rows = torch.arange(block, device=qs.device)
+        # Tile 0 keeps keys at or past the diagonal; the final tile keeps the complement.
+        self.first_tile = rows[None, :] >= rows[:, None] + self.strict  # (row, key)
+        per_block = batch * heads * block * block
         self.group = max(1, GROUP_ELEMENTS // per_block)
 
     def groups(self) -> list[tuple[int, int]]:
-        """Ranges of query blocks processed together."""
+        """Ranges of query blocks processed together (bounds the working memory)."""
         return [(u, min(u + self.group, self.blocks)) for u in range(0, self.blocks, self.group)]
 
-    def start(self, chunk_index: int) -> int:
-        """Distance of the first key of a chunk."""
-        return self.strict + chunk_index * self.chunk
+    def scores(self, tile: int, final: bool, first: int, last: int) -> Tensor:
+        """Scores of a tile for query blocks [first, last): (B, H, G, block, block), masked."""
+        keys = self.k[:, :, first + tile : last + tile]
+        scores = self.q[:, :, first:last] @ keys.transpose(-1, -2)
+        past_end = (last + tile) * self.block > self.length
+        if tile == 0 or final or past_end or self.has_padding:
+            allowed = self.valid[:, :, first + tile : last + tile]  # (B, 1, G, 1, block)
+            if tile == 0:
+                allowed = allowed & self.first_tile
+            elif final:
+                allowed = allowed & ~self.first_tile
+            scores.masked_fill_(~allowed, float("-inf"))
+        return scores
 
-    def windows(self, source: Tensor, chunk_index: int, first: int, last: int) -> Tensor:
-        """Key (or value) windows of query blocks [first, last): (B, H, G, D, window) view."""
-        offset = self.start(chunk_index) + first * self.block
-        span = (last - first - 1) * self.block + self.window
-        return source[:, :, offset : offset + span].unfold(-2, self.window, self.block)
-
-    def band_view(self, full: Tensor) -> Tensor:
-        """(..., block, window) block -> (..., block, chunk) band: row r's keys start at r."""
-        *lead, rows, cols = full.shape
-        strides = full.stride()
-        return full.as_strided(
-            (*lead, rows, self.chunk), (*strides[:-2], cols + 1, 1), full.storage_offset()
-        )
-
-    def unskew(self, band: Tensor) -> Tensor:
-        """(..., block, chunk) band -> zero-filled (..., block, window) block for matmuls."""
-        full = band.new_zeros(*band.shape[:-1], self.window)
-        self.band_view(full).copy_(band)
-        return full
-
-    def band_valid(self, chunk_index: int, first: int, last: int) -> Tensor:
-        """Which band keys exist and are not padding: (B, 1, G, block, chunk) bool."""
-        offset = self.start(chunk_index) + first * self.block
-        valid = self.valid
-        return valid.as_strided(
-            (self.batch, 1, last - first, self.block, self.chunk),
-            (valid.stride(0), 0, self.block, 1, 1),
-            valid.storage_offset() + offset,
-        )
-
-    def scores(self, chunk_index: int, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Band scores s (B,H,G,block,chunk), masked with -inf, and the key windows."""
-        key_windows = self.windows(self.k, chunk_index, first, last)  # (B,H,G,D,window)
-        full = self.q_blocks[:, :, first:last] @ key_windows
-        scores = self.band_view(full)
-        # Masking is needed where keys run past the end, or everywhere when there is padding.
-        tail = (self.length - self.start(chunk_index) - self.chunk) // self.block - first
-        tail = max(0, min(last - first, tail))
-        if self.has_padding:
-            tail = 0
-        scores = scores.contiguous()
-        if tail < last - first:
-            valid = self.band_valid(chunk_index, first + tail, last)
-            scores[:, :, tail:].masked_fill_(~valid, float("-inf"))
-        return scores, key_windows
-
-    def positions(self, scores: Tensor, carry: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Gates, capped positions' floor index and fraction, and the new carried gate sum."""
+    def interpolate(
+        self, scores: Tensor, carry: Tensor, first: int, last: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Gates, floor rows, fractions, z[floor], dz[floor] and the outgoing gate sums."""
         gates = torch.sigmoid(scores)
         positions = gates.cumsum(-1).add_(carry.unsqueeze(-1))
         new_carry = positions[..., -1].clone()
         positions.clamp_(max=self.npos - 1)
-        floor = positions.floor()
+        floor = positions.long()  # positions are >= 0: truncation is floor
         fraction = positions.sub_(floor)  # interpolation weight of the upper row (Eq. 5)
-        return gates, floor.long(), fraction, new_carry
+        z_floor = self.z[:, :, first:last].gather(-1, floor)
+        dz_floor = self.dz[:, :, first:last].gather(-1, floor)
+        return gates, floor, fraction, z_floor, dz_floor, new_carry
 
 
 def _direction_forward(
@@ -203,11 +176,10 @@ def _direction_forward(
     strict: bool,
     npos: int,
     block: int,
-    chunk: int,
     scale: float,
-) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor], int, tuple[Tensor, Tensor, Tensor] | None]:
-    """One direction in its band frame: band partial, carries, chunks, far partial (far frame)."""
-    band = _Band(qs, k, v, z, key_valid, strict=strict, npos=npos, block=block, chunk=chunk)
+) -> tuple[Tensor, Tensor, list[Tensor], int, tuple[Tensor, Tensor, Tensor] | None]:
+    """One direction: band (output, lse) in the band frame, carries, tiles, far partial."""
+    band = _Band(qs, k, v, z, key_valid, strict=strict, npos=npos, block=block)
     batch, heads, length, dim = qs.shape
     rows = band.padded
     shape = (batch, heads, band.blocks, block)
@@ -216,50 +188,51 @@ def _direction_forward(
     accumulator = qs.new_zeros(*shape, dim)
     carry = qs.new_zeros(shape)
     carries: list[Tensor] = []
-    chunk_index = 0
-    while band.start(chunk_index) < length:
+    full_tiles = 0
+    final = False
+    while True:
+        tile = full_tiles
         carries.append(carry.clone())
         for first, last in band.groups():
-            scores, key_windows = band.scores(chunk_index, first, last)
-            gates, floor, fraction, carry[:, :, first:last] = band.positions(
-                scores, carry[:, :, first:last]
+            scores = band.scores(tile, final, first, last)
+            _, _, fraction, z_floor, dz_floor, new_carry = band.interpolate(
+                scores, carry[:, :, first:last], first, last
             )
-            del gates
-            z_floor = band.z[:, :, first:last].gather(-1, floor)
-            dz_floor = band.dz[:, :, first:last].gather(-1, floor)
+            carry[:, :, first:last] = new_carry
             logits = scores.add_(z_floor.addcmul_(fraction, dz_floor))
-            chunk_max = logits.amax(-1)
             old_max = running_max[:, :, first:last]
-            new_max = torch.maximum(old_max, chunk_max)
-            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            new_max = torch.maximum(old_max, logits.amax(-1))
+            safe_max = new_max.masked_fill(torch.isinf(new_max), 0.0)
             weights = logits.sub_(safe_max.unsqueeze(-1)).exp_()
             rescale = torch.exp(old_max - safe_max)
             running_sum[:, :, first:last] = running_sum[:, :, first:last] * rescale + weights.sum(
                 -1
             )
-            value_windows = band.windows(band.v, chunk_index, first, last).transpose(-1, -2)
-            accumulator[:, :, first:last] = accumulator[:, :, first:last] * rescale.unsqueeze(
-                -1
-            ) + (band.unskew(weights) @ value_windows)
+            accumulator[:, :, first:last] = torch.baddbmm(
+                (accumulator[:, :, first:last] * rescale.unsqueeze(-1)).flatten(0, 2),
+                weights.flatten(0, 2),
+                band.v[:, :, first + tile : last + tile].flatten(0, 2),
+            ).view(batch, heads, last - first, block, dim)
             running_max[:, :, first:last] = new_max
-        chunk_index += 1
-        # Stop once every row that still has keys beyond the band has passed the cap.
-        reach = length - band.start(chunk_index)
-        if reach <= 0:
+        if final:
             break
-        open_rows = carry.view(batch, heads, rows)[:, :, :reach]
-        if bool((open_rows >= npos - 1).all()):
-            break
+        full_tiles += 1
+        # Query blocks whose next tile still holds real keys.
+        open_blocks = -(-(length - full_tiles * block) // block)
+        if open_blocks <= 0:
+            break  # the band already covers every key
+        # Once all of them have passed the cap, one final tile evens the band out to the
+        # distances [strict, strict + full_tiles * block) and the rest is the far region.
+        final = bool((carry[:, :, :open_blocks] >= npos - 1).all())
     running_max = running_max.view(batch, heads, rows)[:, :, :length]
     running_sum = running_sum.view(batch, heads, rows)[:, :, :length]
     accumulator = accumulator.view(batch, heads, rows, dim)[:, :, :length]
     empty = running_sum == 0
     band_lse = torch.where(empty, float("-inf"), running_max + running_sum.clamp_min(1e-30).log())
     band_out = accumulator / running_sum.clamp_min(1e-30).unsqueeze(-1)
-    partials = [(band_out, band_lse)]
-
-    far_part = _far_forward(far, z, chunk_index * chunk + int(strict), npos=npos, scale=scale)
-    return partials, carries, chunk_index, far_part
+    offset = full_tiles * block + int(strict)
+    far_part = _far_forward(far, z, offset, npos=npos, scale=scale)
+    return band_out, band_lse, carries, full_tiles, far_part
 
 
 def _far_mask(key_valid: Tensor | None, keys: int, dtype: torch.dtype) -> Tensor | None:
@@ -327,7 +300,6 @@ class BlockwiseCoPE(torch.autograd.Function):
         key_padding_mask: Tensor | None,
         causal: bool,
         block: int,
-        chunk: int,
     ) -> Tensor:
         npos = npos_of_table(table, causal)
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -348,29 +320,27 @@ class BlockwiseCoPE(torch.autograd.Function):
                 if flipped
                 else (_flip(q), _flip(k), _flip(v), _flip(key_valid, -1))
             )
-            band_parts, carries, chunks, far_part = _direction_forward(
-                *band_frame[:4], band_frame[4], far_frame,
-                strict=strict, npos=npos, block=block, chunk=chunk, scale=scale,
-            )  # fmt: skip
-            for out, lse in band_parts:
-                if flipped:
-                    out, lse = out.flip(-2), lse.flip(-1)
-                partials.append((out, lse))
+            band_out, band_lse, carries, tiles, far_part = _direction_forward(
+                *band_frame, far_frame, strict=strict, npos=npos, block=block, scale=scale
+            )
+            if flipped:
+                band_out, band_lse = band_out.flip(-2), band_lse.flip(-1)
+            partials.append((band_out, band_lse))
             far_out = far_lse = far_bias = None
             if far_part is not None:
                 far_out, far_lse, far_bias = far_part
-                offset = chunks * chunk + int(strict)
+                offset = tiles * block + int(strict)
                 out = F.pad(far_out, (0, 0, offset, 0))
                 lse = F.pad(far_lse, (offset, 0), value=float("-inf"))
                 if not flipped:
                     out, lse = out.flip(-2), lse.flip(-1)
                 partials.append((out, lse))
             states.append(
-                _DirectionState(flipped, strict, chunks, carries, far_out, far_lse, far_bias)
+                _DirectionState(flipped, strict, tiles, carries, far_out, far_lse, far_bias)
             )
         out, lse = _merge(partials)
         ctx.save_for_backward(q, k, v, table, z, out, lse, key_valid)
-        ctx.states, ctx.causal, ctx.block, ctx.chunk = states, causal, block, chunk
+        ctx.states, ctx.causal, ctx.block = states, causal, block
         ctx.has_mask = key_padding_mask is not None
         return out
 
@@ -380,6 +350,8 @@ class BlockwiseCoPE(torch.autograd.Function):
         if not ctx.has_mask:
             key_valid = None
         npos = npos_of_table(table, ctx.causal)
+        block = ctx.block
+        length = q.shape[-2]
         scale = 1.0 / math.sqrt(q.shape[-1])
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)  # Delta_i = dO_i . O_i
@@ -390,62 +362,48 @@ class BlockwiseCoPE(torch.autograd.Function):
         grad_v = torch.zeros_like(v)
         grad_z = torch.zeros_like(z)
         # Rows with no visible key: exp(s - inf) = 0 keeps their (zero) gradients finite.
-        lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+        lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))
         for state, (strict, z_dir) in zip(
             ctx.states, _table_views(z, npos, ctx.causal), strict=True
         ):
             flip = state.flipped
-            grad_z_dir = _band_backward(
-                _flip(qs) if flip else qs,
-                _flip(k) if flip else k,
-                _flip(v) if flip else v,
-                _flip(z_dir) if flip else z_dir,
-                _flip(key_valid, -1) if flip else key_valid,
-                _flip(grad_out) if flip else grad_out,
-                lse_safe.flip(-1) if flip else lse_safe,
-                delta.flip(-1) if flip else delta,
-                state,
-                grads=(grad_qs, grad_k, grad_v),
-                npos=npos,
-                block=ctx.block,
-                chunk=ctx.chunk,
-            )
+            original = (qs, k, v, z_dir, grad_out, lse_safe, delta, key_valid)
+            reversed_ = (
+                qs.flip(-2), k.flip(-2), v.flip(-2), z_dir.flip(-2), grad_out.flip(-2),
+                lse_safe.flip(-1), delta.flip(-1), _flip(key_valid, -1),
+            )  # fmt: skip
+            band_args = reversed_ if flip else original
+            grad_z_dir, band_grads = _band_backward(*band_args, state, npos=npos, block=block)
+            if flip:
+                grad_z_dir = grad_z_dir.flip(-2)
+                band_grads = tuple(x.flip(-2) for x in band_grads)
+            grad_qs += band_grads[0]
+            grad_k += band_grads[1]
+            grad_v += band_grads[2]
             if state.far_out is not None:
-                offset = state.chunks * ctx.chunk + int(strict)
-                far_grads = _far_backward(
-                    *(
-                        (q, k, v, key_valid, grad_out, out, lse_safe, delta)
-                        if flip
-                        else (
-                            q.flip(-2),
-                            k.flip(-2),
-                            v.flip(-2),
-                            _flip(key_valid, -1),
-                            grad_out.flip(-2),
-                            out.flip(-2),
-                            lse_safe.flip(-1),
-                            delta.flip(-1),
-                        )
-                    ),  # fmt: skip
-                    state,
-                    offset=offset,
-                    scale=scale,
+                offset = state.tiles * block + int(strict)
+                keys = length - offset
+                far_args = (
+                    (q, k, v, key_valid, grad_out, out, lse_safe, delta)
+                    if flip
+                    else (
+                        q.flip(-2), k.flip(-2), v.flip(-2), _flip(key_valid, -1),
+                        grad_out.flip(-2), out.flip(-2), lse_safe.flip(-1), delta.flip(-1),
+                    )
+                )  # fmt: skip
+                dq_far, dk_far, dv_far, dbias = _far_backward(
+                    *far_args, state, offset=offset, scale=scale
                 )
-                dq_far, dk_far, dv_far, dbias = far_grads
-                keys = q.shape[-2] - offset
-                if flip:
+                if flip:  # far frame = original
                     grad_q[:, :, offset:] += dq_far
                     grad_k[:, :, :keys] += dk_far
                     grad_v[:, :, :keys] += dv_far
-                    # Far frame = original; the band frame is reversed.
-                    grad_z_dir[:, :, : q.shape[-2] - offset, npos - 1] += dbias.flip(-1)
-                else:
+                    grad_z_dir[:, :, offset:, npos - 1] += dbias
+                else:  # far frame = reversed
                     grad_q[:, :, :keys] += dq_far.flip(-2)
                     grad_k[:, :, offset:] += dk_far.flip(-2)
                     grad_v[:, :, offset:] += dv_far.flip(-2)
                     grad_z_dir[:, :, :keys, npos - 1] += dbias.flip(-1)
-            if flip:
-                grad_z_dir = grad_z_dir.flip(-2)
             if ctx.causal:
                 grad_z += grad_z_dir
             elif strict:
@@ -459,7 +417,7 @@ class BlockwiseCoPE(torch.autograd.Function):
         else:
             grad_q += torch.einsum("bhtn,hnd->bhtd", grad_z, table)
             grad_table = torch.einsum("bhtn,bhtd->hnd", grad_z, q)
-        return grad_q, grad_k, grad_v, grad_table, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_table, None, None, None
 
 
 def _far_backward(
@@ -487,6 +445,7 @@ def _far_backward(
         grad_out[:, :, rows].contiguous(), q[:, :, rows], k[:, :, :keys], v[:, :, :keys],
         out[:, :, rows].contiguous(), kernel_lse, 0.0, True, attn_mask=mask, scale=scale,
     )  # fmt: skip
+    # dL/dbias_i = sum_far P_ij (dP_ij - Delta_i) = mass_i (dO_i . o_far_i - Delta_i).
     mass = torch.exp(far_lse - lse[:, :, rows])
     far_dot = (grad_out[:, :, rows] * state.far_out).sum(-1)
     dbias = mass * (far_dot - delta[:, :, rows])
@@ -498,92 +457,71 @@ def _band_backward(
     k: Tensor,
     v: Tensor,
     z: Tensor,
-    key_valid: Tensor | None,
     grad_out: Tensor,
     lse: Tensor,
     delta: Tensor,
+    key_valid: Tensor | None,
     state: _DirectionState,
     *,
-    grads: tuple[Tensor, Tensor, Tensor],
     npos: int,
     block: int,
-    chunk: int,
-) -> Tensor:
-    """Band gradients of one direction in its band frame; returns dL/dz_dir (band frame).
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Band gradients of one direction, all in its band frame.
 
-    Adds into ``grads`` = (dL/d(q*scale), dL/dk, dL/dv) in the *original* frame.
+    Returns dL/dz_dir (B, H, T, npos) and (dL/d(q*scale), dL/dk, dL/dv).
     """
-    band = _Band(qs, k, v, z, key_valid, strict=state.strict, npos=npos, block=block, chunk=chunk)
+    band = _Band(qs, k, v, z, key_valid, strict=state.strict, npos=npos, block=block)
     batch, heads, length, dim = qs.shape
     rows = band.padded
     shape = (batch, heads, band.blocks, block)
     grad_qs_b = qs.new_zeros(*shape, dim)
-    grad_k_b = qs.new_zeros(batch, heads, band.key_room, dim)
-    grad_v_b = qs.new_zeros(batch, heads, band.key_room, dim)
+    grad_k_b = torch.zeros_like(band.k)
+    grad_v_b = torch.zeros_like(band.v)
     grad_z_b = qs.new_zeros(*shape, npos + 1)
     grad_out_b = F.pad(grad_out, (0, 0, 0, rows - length)).view(*shape, dim)
     lse_b = F.pad(lse, (0, rows - length), value=float("inf")).view(shape)
     delta_b = F.pad(delta, (0, rows - length)).view(shape)
-    carry_dp = qs.new_zeros(shape)  # sum of dL/dp over the farther chunks of each row
-    pieces = -(-band.window // block)
-    for chunk_index in reversed(range(state.chunks)):
-        carry = state.carries[chunk_index]
+    carry_dp = qs.new_zeros(shape)  # sum of dL/dp over the farther tiles of each row
+    tiles = len(state.carries)
+    for tile in reversed(range(tiles)):
+        final = tile == state.tiles  # the extra tile that evens the band out
+        carry = state.carries[tile]
         for first, last in band.groups():
-            scores, key_windows = band.scores(chunk_index, first, last)
-            gates, floor, fraction, _ = band.positions(scores, carry[:, :, first:last])
-            z_floor = band.z[:, :, first:last].gather(-1, floor)
-            dz_floor = band.dz[:, :, first:last].gather(-1, floor)
+            scores = band.scores(tile, final, first, last)
+            gates, floor, fraction, z_floor, dz_floor, _ = band.interpolate(
+                scores, carry[:, :, first:last], first, last
+            )
             logits = z_floor.addcmul_(fraction, dz_floor).add_(scores)
             probs = logits.sub_(lse_b[:, :, first:last].unsqueeze(-1)).exp_()
             grad_out_g = grad_out_b[:, :, first:last]
-            value_windows = band.windows(band.v, chunk_index, first, last)  # (B,H,G,D,W)
-            grad_probs = band.band_view(grad_out_g @ value_windows)
-            grad_logits = grad_probs.sub(delta_b[:, :, first:last].unsqueeze(-1)).mul_(probs)
+            keys = band.k[:, :, first + tile : last + tile]
+            values = band.v[:, :, first + tile : last + tile]
+            grad_probs = grad_out_g @ values.transpose(-1, -2)
+            grad_logits = grad_probs.sub_(delta_b[:, :, first:last].unsqueeze(-1)).mul_(probs)
             # dL/dz: the logit c = z[floor] (1 - w) + z[floor + 1] w  (Eq. 5).
             upper = grad_logits * fraction
             grad_z_g = grad_z_b[:, :, first:last]
             grad_z_g.scatter_add_(-1, floor, grad_logits - upper)
             grad_z_g.scatter_add_(-1, floor + 1, upper)
             # dL/dp through the slope z[ceil p] - z[floor p]; 0 at integer p, as the reference.
-            grad_pos = grad_logits * dz_floor.masked_fill_(fraction == 0, 0.0)
+            grad_pos = dz_floor.masked_fill_(fraction == 0, 0.0).mul_(grad_logits)
             cumulative = grad_pos.cumsum(-1)
             total = cumulative[..., -1:]
             carry_g = carry_dp[:, :, first:last]
-            # dL/dg_ik = sum over keys at k or beyond of dL/dp_ij (this chunk and farther ones).
+            # dL/dg_ik = sum over keys at k or beyond of dL/dp_ij (this tile and farther ones).
             grad_gates = (grad_pos - cumulative).add_(total + carry_g.unsqueeze(-1))
             carry_dp[:, :, first:last] = carry_g + total.squeeze(-1)
             grad_scores = grad_gates.mul_(gates * (1 - gates)).add_(grad_logits)
-            grad_scores_full = band.unskew(grad_scores)  # (B,H,G,block,window)
-            probs_full = band.unskew(probs)
-            grad_qs_b[:, :, first:last] += grad_scores_full @ key_windows.transpose(-1, -2)
-            q_g = band.q_blocks[:, :, first:last]
-            grad_key_windows = grad_scores_full.transpose(-1, -2) @ q_g  # (B,H,G,W,D)
-            grad_value_windows = probs_full.transpose(-1, -2) @ grad_out_g
-            start = band.start(chunk_index) + first * block
-            count = last - first
-            # Overlap-add the windows back onto keys, one block-sized piece at a time.
-            for piece in range(pieces):
-                lo = piece * block
-                width = min(block, band.window - lo)
-                at = start + lo
-                target_k = grad_k_b[:, :, at : at + count * block].view(
-                    batch, heads, count, block, dim
-                )
-                target_v = grad_v_b[:, :, at : at + count * block].view(
-                    batch, heads, count, block, dim
-                )
-                target_k[:, :, :, :width] += grad_key_windows[:, :, :, lo : lo + width]
-                target_v[:, :, :, :width] += grad_value_windows[:, :, :, lo : lo + width]
-    grad_qs, grad_k, grad_v = grads
+            grad_qs_b[:, :, first:last] += grad_scores @ keys
+            grad_k_b[:, :, first + tile : last + tile] += (
+                grad_scores.transpose(-1, -2) @ band.q[:, :, first:last]
+            )
+            grad_v_b[:, :, first + tile : last + tile] += probs.transpose(-1, -2) @ grad_out_g
     grad_qs_b = grad_qs_b.view(batch, heads, rows, dim)[:, :, :length]
-    grad_k_b = grad_k_b[:, :, :length]
-    grad_v_b = grad_v_b[:, :, :length]
-    if state.flipped:
-        grad_qs_b, grad_k_b, grad_v_b = (x.flip(-2) for x in (grad_qs_b, grad_k_b, grad_v_b))
-    grad_qs += grad_qs_b
-    grad_k += grad_k_b
-    grad_v += grad_v_b
-    return grad_z_b.view(batch, heads, rows, npos + 1)[:, :, :length, :npos].clone()
+    grad_k_b = grad_k_b.flatten(2, 3)[:, :, :length]
+    grad_v_b = grad_v_b.flatten(2, 3)[:, :, :length]
+    grad_z_dir = grad_z_b.view(batch, heads, rows, npos + 1)[:, :, :length, :npos]
+    return grad_z_dir, (grad_qs_b, grad_k_b, grad_v_b)
 
 
 def blockwise_cope_attention(
@@ -595,12 +533,11 @@ def blockwise_cope_attention(
     causal: bool = True,
     key_padding_mask: Tensor | None = None,
     block: int = DEFAULT_BLOCK,
-    chunk: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """Memory-linear CoPE attention, equal to the reference; (B, H, T, D) in v's dtype.
 
-    Arguments as :func:`encoders.cope.cope_attention`; ``block`` query rows and ``chunk`` key
-    distances are the band's tile sizes (speed/memory trade-off, not results).
+    Arguments as :func:`encoders.cope.cope_attention`; ``block`` is the band's tile size (a
+    speed/memory trade-off that does not change results).
     """
     dtype = compute_dtype(q, k, v, pos_emb)
     out = BlockwiseCoPE.apply(
@@ -611,6 +548,5 @@ def blockwise_cope_attention(
         key_padding_mask,
         causal,
         block,
-        chunk,
     )
     return out.to(v.dtype)

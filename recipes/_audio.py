@@ -112,7 +112,8 @@ class FeatureSettings:
         """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys."""
         kind = str(config.get("data.features", "mfcc"))
         n_features = int(config.get("data.n_features") or (40 if kind == "mfcc" else 80))
-        n_mels = int(config.get("data.n_mels") or (40 if kind == "mfcc" else n_features))
+        # log-mel features are the mel bands themselves: data.n_mels only matters for MFCC
+        n_mels = n_features if kind == "logmel" else int(config.get("data.n_mels") or 40)
         return cls(
             kind=kind,
             n_features=n_features,

@@ -190,7 +190,8 @@ def recipes_command(
     from recipes.base import get_recipe, list_recipes
 
     table = Table(title="cope recipes")
-    for column in ("name", "modality", "task", "splits", "data source", "presets"):
+    table.add_column("name", no_wrap=True, style="bold")
+    for column in ("modality", "task", "splits", "data source", "presets"):
         table.add_column(column, overflow="fold")
     for name in list_recipes(pattern):
         recipe = get_recipe(name)

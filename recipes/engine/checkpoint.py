@@ -50,8 +50,9 @@ def load_checkpoint(path: Path, recipe: str | None = None) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is damaged or unreadable ({first_line})") from None
+        text = str(e).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise UserError(f"checkpoint {path} is damaged or unreadable ({reason})") from None
     if not isinstance(state, dict) or "model" not in state or "format" not in state:
         raise UserError(f"{path} is not a cope checkpoint")
     if recipe is not None and state.get("recipe") != recipe:

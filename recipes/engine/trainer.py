@@ -185,7 +185,7 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
         if newest in resumable:
             return _Plan(newest, note=f"resuming {newest}")
         if newest in finished:
-            return _Plan(newest, reuse=True, note=f"{newest} already finished; reusing it")
+            return _Plan(newest, reuse=True, note=f"reusing finished run {newest}")
     if options.resume and not matching:
         note = "no run with this configuration to resume; starting a new one"
         if runs:

@@ -1,0 +1,283 @@
+"""The `cope` command line, through Typer's CliRunner (and one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_engine_support  # noqa: F401  (registers the tiny recipes)
+from typer.testing import CliRunner
+
+from cope_cli.app import app
+from recipes.engine import rundir
+
+runner = CliRunner()
+COMMANDS = ["recipes", "train", "eval", "compare", "sweep", "report", "positions", "data"]
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich wraps at the terminal width; a wide one keeps table cells on one line."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def cope(*args: str) -> object:
+    """Invoke `cope ARGS` in-process; the result has exit_code, output and exception."""
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def assert_user_error(result: object, fragment: str) -> None:
+    """Exit code 2, ending with one line `error: ...` containing ``fragment``, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_version_prints_the_package_version() -> None:
+    result = cope("--version")
+    assert result.exit_code == 0 and result.output.startswith("cope ")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = cope(command, "--help")
+    assert result.exit_code == 0
+    assert "Example: cope " + command in " ".join(result.output.split())
+
+
+def test_train_help_shows_defaults() -> None:
+    text = " ".join(cope("train", "--help").output.split())
+    assert "[default: runs]" in text and "Default: auto" in text
+
+
+def test_recipes_lists_name_modality_and_splits() -> None:
+    result = cope("recipes", "tiny-*")
+    assert result.exit_code == 0
+    for text in ("tiny-majority", "tiny-echo", "long", "generated", "text"):
+        assert text in result.output
+
+
+def test_train_creates_a_run_and_eval_finds_the_newest(tmp_path: Path) -> None:
+    result = cope("train", "tiny-majority", "--pe", "rope", "--steps", "6", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    (first,) = rundir.find_runs(tmp_path, "tiny-majority", "rope")
+    assert rundir.is_finished(first) and "long" in result.output
+    again = cope("train", "tiny-majority", "--pe", "rope", "--steps", "6", "--out", tmp_path)
+    assert_user_error(again, "--force")
+    forced = cope(
+        "train", "tiny-majority", "--pe", "rope", "--steps", "6", "--out", tmp_path, "--force"
+    )
+    assert forced.exit_code == 0
+    newest = rundir.find_runs(tmp_path, "tiny-majority", "rope")[-1]
+    assert newest != first
+    evaluated = cope("eval", "tiny-majority", "--pe", "rope", "--out", tmp_path, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output)
+    assert report["run_dir"] == str(newest) and set(report["splits"]) == {"val", "test", "long"}
+    expected = json.loads((newest / "eval.json").read_text())["splits"]["long"]["accuracy"]
+    assert report["splits"]["long"]["accuracy"] == expected
+
+
+def test_eval_of_a_run_directory_and_one_split(tmp_path: Path) -> None:
+    cope("train", "tiny-majority", "--pe", "abs", "--steps", "3", "--out", tmp_path)
+    (run,) = rundir.find_runs(tmp_path)
+    result = cope("eval", run, "--split", "test", "--json")
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.output)["splits"]) == ["test"]
+    assert_user_error(cope("eval", run, "--split", "nope"), "unknown split 'nope'")
+
+
+def test_recipe_file_and_set_override_in_order(tmp_path: Path) -> None:
+    recipe_file = tmp_path / "run.toml"
+    recipe_file.write_text(
+        'recipe = "tiny-majority"\npreset = "wide"\n[train]\nsteps = 4\nlr = 0.02\n'
+        "[model]\ndim = 12\n"
+    )
+    result = cope(
+        "train", "--recipe-file", recipe_file, "--steps", "5", "--set", "train.steps=3",
+        "--out", tmp_path / "runs",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (run,) = rundir.find_runs(tmp_path / "runs")
+    _, config = rundir.read_config(run)
+    assert config["train.steps"] == 3  # --set beats --steps beats the file
+    assert config["train.lr"] == 0.02  # the file beats the preset
+    assert config["model.dim"] == 12  # the file beats the preset (32)
+    assert json.loads((run / "config.json").read_text())["preset"] == "wide"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "no-such-recipe"], "unknown recipe 'no-such-recipe'; choose one of:"),
+        (["train", "tiny-majority", "--pe", "copee"], "unknown position encoding 'copee'"),
+        (["train", "tiny-majority", "--preset", "huge"], "no preset 'huge'"),
+        (["train", "tiny-majority", "--set", "train.lrr=1"], "did you mean 'train.lr'"),
+        (["train", "tiny-majority", "--set", "train.steps=many"], "train.steps must be"),
+        (["train", "tiny-majority", "--set", "oops"], "--set expects key=value"),
+        (["train", "tiny-majority", "--steps", "3", "--epochs", "1"], "not both"),
+        (["train", "tiny-majority", "--set", "data.min_len=20"], "min_len"),
+        (["train"], "name a recipe"),
+        (["compare", "tiny-majority", "--pe", "abs,copee"], "unknown position encoding"),
+        (["eval", "nothing-here"], "neither a run directory nor a recipe"),
+        (["eval", "tiny-majority", "--pe", "alibi"], "no finished run"),
+        (["report", "missing-dir"], "runs directory not found"),
+        (["positions", "missing-dir"], "run directory not found"),
+        (["data", "tiny-majority"], "nothing to download"),
+        (["sweep", "absent.toml"], "file not found"),
+    ],
+)
+def test_user_mistakes_end_with_one_error_line_and_exit_2(
+    args: list[str], fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cope(*args), fragment)
+    assert not (tmp_path / "runs" / "tiny-majority").exists()  # no damaged run directory
+
+
+def test_malformed_recipe_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('recipe = "tiny-majority"\n[train\n')
+    assert_user_error(cope("train", "--recipe-file", bad, "--out", tmp_path), "not valid TOML")
+
+
+def test_truncated_checkpoint_on_resume_is_a_clear_error(tmp_path: Path) -> None:
+    from recipes.base import get_recipe
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import TrainOptions, train
+
+    config = resolve_config(get_recipe("tiny-majority"), cli_options={"model.pe": "abs"})
+    stopped = train("tiny-majority", config, TrainOptions(out=tmp_path, stop_after=2))
+    checkpoint = stopped.run_dir / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:64])
+    result = cope("train", "tiny-majority", "--pe", "abs", "--out", tmp_path, "--resume")
+    assert_user_error(result, "damaged or unreadable")
+
+
+def test_checkpoint_of_another_recipe_is_a_clear_error(tmp_path: Path) -> None:
+    cope("train", "tiny-majority", "--pe", "abs", "--steps", "2", "--out", tmp_path)
+    cope("train", "tiny-echo", "--pe", "abs", "--steps", "2", "--out", tmp_path)
+    (majority,) = rundir.find_runs(tmp_path, "tiny-majority")
+    (echo,) = rundir.find_runs(tmp_path, "tiny-echo")
+    (majority / "best.pt").write_bytes((echo / "best.pt").read_bytes())
+    assert_user_error(cope("eval", majority), "belongs to recipe 'tiny-echo'")
+
+
+def test_compare_two_encodings_two_seeds_writes_table_and_files(tmp_path: Path) -> None:
+    args = ["compare", "tiny-majority", "--pe", "abs,rope", "--seeds", "2", "--steps", "4"]
+    result = cope(*args, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(rundir.find_runs(tmp_path, "tiny-majority")) == 4
+    (folder,) = (tmp_path / "tiny-majority").glob("compare-*")
+    data = json.loads((folder / "results.json").read_text())["groups"][0]
+    assert data["pes"] == ["abs", "rope"]
+    assert data["splits"]["long"]["ood"] is True
+    assert data["splits"]["test"]["by_pe"]["abs"]["seeds"] == [0, 1]
+    rows = (folder / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 3  # header + 2 encodings x 3 splits
+    for split in ("val", "test", "long"):
+        assert (folder / f"plot_{split}.png").stat().st_size > 1000
+    output = " ".join(result.output.split())
+    assert "long (OOD)" in output and "results.csv" in output and "±" in output
+    # a second comparison reuses the four finished runs instead of training again
+    again = cope(*args, "--out", tmp_path)
+    assert again.exit_code == 0 and again.output.count("reusing finished run") == 4
+    assert len(rundir.find_runs(tmp_path, "tiny-majority")) == 4
+
+
+def test_sweep_runs_the_grid_and_writes_one_report(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        f'out = "{tmp_path / "sweep"}"\nrecipes = ["tiny-majority"]\npes = ["abs", "nope"]\n'
+        'seeds = 1\n[options]\n"train.steps" = 3\n'
+        '[[variants]]\nname = "narrow"\n"model.dim" = 8\n'
+        '[[variants]]\nname = "wide"\n"model.dim" = 24\n'
+    )
+    result = cope("sweep", sweep_file)
+    assert result.exit_code == 0, result.output
+    assert len(rundir.find_runs(tmp_path / "sweep")) == 4
+    (folder,) = (tmp_path / "sweep").glob("sweep-*")
+    groups = json.loads((folder / "results.json").read_text())["groups"]
+    assert sorted(group["title"] for group in groups) == [
+        "tiny-majority [narrow]",
+        "tiny-majority [wide]",
+    ]
+    assert "## tiny-majority [wide]" in (folder / "report.md").read_text()
+
+
+def test_sweep_file_with_an_unknown_key_is_a_clear_error(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text('recipes = ["tiny-majority"]\nseed = 3\n')
+    assert_user_error(cope("sweep", sweep_file), "unknown sweep key 'seed'")
+
+
+def test_report_rebuilds_tables_from_run_directories(tmp_path: Path) -> None:
+    for pe in ("abs", "nope"):
+        cope("train", "tiny-majority", "--pe", pe, "--steps", "2", "--out", tmp_path)
+    result = cope("report", tmp_path)
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| abs | 1 |" in markdown and "| nope | 1 |" in markdown
+    assert (tmp_path / "report" / "plot_long.png").is_file()
+
+
+def test_positions_draws_heatmaps_of_a_cope_run(tmp_path: Path) -> None:
+    train = cope("train", "tiny-majority-tf", "--pe", "cope", "--out", tmp_path)
+    assert train.exit_code == 0, train.output
+    (run,) = rundir.find_runs(tmp_path)
+    result = cope("positions", run, "--example", "2", "--split", "test")
+    assert result.exit_code == 0, result.output
+    pngs = sorted((run / "positions").glob("*.png"))
+    assert [p.name for p in pngs] == ["test-2-layer0.png"]
+    assert pngs[0].stat().st_size > 5000
+    assert "largest |p_ij|" in result.output
+    assert_user_error(cope("positions", run, "--example", "999"), "--example must be")
+
+
+def test_positions_of_a_non_cope_run_draws_attention_only(tmp_path: Path) -> None:
+    cope("train", "tiny-majority-tf", "--pe", "rope", "--out", tmp_path)
+    (run,) = rundir.find_runs(tmp_path)
+    result = cope("positions", run, "--out", tmp_path / "maps")
+    assert result.exit_code == 0, result.output
+    assert "attention maps only" in result.output
+    assert (tmp_path / "maps" / "val-0-layer0.png").is_file()
+
+
+def test_counting_end_to_end_train_and_eval(tmp_path: Path) -> None:
+    small = [
+        "--set", "data.eval_size=8", "--set", "data.max_statements=8",
+        "--set", "data.long_min_statements=9", "--set", "data.long_max_statements=12",
+        "--set", "model.max_len=80", "--set", "model.npos=16", "--set", "model.dim=16",
+        "--set", "model.mlp_dim=32", "--set", "model.heads=2", "--set", "train.batch_size=4",
+    ]  # fmt: skip
+    result = cope("train", "counting", "--pe", "cope", "--steps", "3", "--out", tmp_path, *small)
+    assert result.exit_code == 0, result.output
+    (run,) = rundir.find_runs(tmp_path, "counting", "cope")
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["metric"] == "error"
+    assert {"val", "test", "long", "more-pass"} <= set(evaluation["splits"])
+    assert "error %" in result.output
+    assert cope("eval", "counting", "--pe", "cope", "--out", tmp_path).exit_code == 0
+
+
+def test_installed_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("cope")
+    if not script.exists():
+        pytest.skip("the cope console script is not installed")
+    result = subprocess.run(
+        [str(script), "train", "no-such-recipe", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown recipe 'no-such-recipe'")
+    assert "Traceback" not in result.stderr + result.stdout

@@ -8,32 +8,34 @@ passed the cap, every key further away sees the same capped position, i.e. the s
 z_i[npos-1]: those keys are ordinary attention with one per-row bias (DESIGN.md §2). So each
 direction of attention is split into
 
-- a *band*: the keys at distances [strict, strict + S) from the query, computed in chunks of
-  ``chunk`` distances for all query blocks at once (batched, so Python overhead does not grow
-  with the number of blocks), carrying each row's gate sum from chunk to chunk and merging
-  chunks with an online softmax. S is the smallest multiple of ``chunk`` after which every row
-  has passed the cap (or run out of keys); it is decided per call, per row *set*, not per block.
+- a *band*: the keys at distances [strict, strict + n * block) from the query, walked in
+  square tiles (query block u against key block u -/+ c) for **all query blocks at once**, so
+  the Python overhead does not grow with T; each row's gate sum is carried from tile to tile
+  and tiles are merged with an online softmax. Walking stops as soon as every row has passed
+  the cap (or run out of keys); a last, complementary tile makes the cut the same distance for
+  every row, which is what lets the far region be one call.
 - a *far region*: every key beyond the band, one fused flash-attention call (PyTorch's CPU
-  flash kernel, which also returns the log-sum-exp) with the bias z_i[npos-1] added to its
-  log-sum-exp afterwards.
+  flash kernel, which also returns the log-sum-exp) on the sequence shifted by the band width,
+  with the bias z_i[npos-1] added to its log-sum-exp.
 
-Both parts return (normalised output, log-sum-exp) partials that are merged exactly.
+The partials (normalised output, log-sum-exp) of band and far region are merged exactly.
 
-Frames. The band is computed in a "look-ahead" frame where a row's keys lie to its right, at
-distances 0, 1, 2, ...: then the positions of a chunk are a plain cumulative sum along the
-band. Causal attention (keys left of the query) is the look-ahead problem of the reversed
-sequence; the rightward half of bidirectional CoPE (p_ij = -sum_{k=i+1..j} g_ik) is the
-look-ahead problem of the sequence as it is, with the diagonal excluded (``strict``) and the
-table read from row npos-1 downwards. The far region is computed in the opposite frame, where
-it is plain causal attention shifted by the band width.
+Directions. Causal CoPE is the "behind" direction: keys j <= i. Inside a tile the keys are
+stored in reverse order, so the positions are a plain cumulative sum along the tile. The
+rightward half of bidirectional CoPE (p_ij = -sum_{k=i+1..j} g_ik) is the "ahead" direction,
+keys j > i in natural order, with the diagonal excluded (``strict``) and the table read from
+row npos-1 downwards; its far region is causal attention of the reversed sequence.
 
-Backward recomputes every band chunk instead of storing it (only each chunk's incoming gate sums,
-(B, H, T) each, are kept), walking chunks from the farthest to the nearest while carrying the
-sum of dL/dp of the farther keys: dL/dg_ik = sum_{j beyond or at k} dL/dp_ij. The far region's
-gradients come from the flash kernel's backward given the merged output and log-sum-exp; its
-bias gradient is mass * (dO . o_far - Delta) per row.
+Backward recomputes every band tile instead of storing it (only each tile's incoming gate sums,
+(B, H, T) each, are kept), walking tiles from the farthest to the nearest while carrying the sum
+of dL/dp over the farther keys: dL/dg_ik = sum over keys j at or beyond k of dL/dp_ij. The far
+region's gradients come from the flash kernel's backward given the merged output and
+log-sum-exp; its bias gradient is mass_i * (dO_i . o_far_i - Delta_i).
 
-Peak memory is O(T * (chunk + block) * groups) plus the flash kernel's own: linear in T.
+Tensors of the band live block-major, (blocks, B, H, block, ...), so that a group of query blocks
+is one contiguous slice and every tile is a single batched matmul without copies.
+Peak memory: the band's working set is bounded by GROUP_ELEMENTS, everything else is (B, H, T, *):
+linear in T.
 """
 
 from __future__ import annotations
@@ -60,23 +62,20 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 class _DirectionState:
     """What the forward keeps of one direction for the backward."""
 
-    flipped: bool  # the band frame is the reversed sequence (the causal, leftward half)
-    strict: bool  # the diagonal key belongs to the other direction
+    behind: bool  # keys at or left of the query (causal half); else strictly right of it
     tiles: int  # full band tiles walked; the band is distances [strict, strict + tiles*block)
-    carries: list[Tensor]  # gate sum entering each tile (incl. the final one), band frame
-    far_out: Tensor | None  # normalised far-region output, far frame rows F..T-1
-    far_lse: Tensor | None  # its log-sum-exp including the bias, (B, H, T - F)
-    far_bias: Tensor | None  # the bias z_i[npos-1] of those rows, (B, H, T - F)
+    carries: list[Tensor]  # gate sum entering each tile (incl. the final one), block-major
+    far: tuple[Tensor, Tensor, Tensor] | None  # far frame: (output, lse incl. bias, bias)
 
-
-def _flip(x: Tensor | None, dim: int = -2) -> Tensor | None:
-    return None if x is None else x.flip(dim)
+    @property
+    def strict(self) -> int:
+        return 0 if self.behind else 1
 
 
 def _merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Merge (normalised output (B,H,T,D), log-sum-exp (B,H,T)) partials of one softmax."""
     lse = torch.logsumexp(torch.stack([p_lse for _, p_lse in partials]), dim=0)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
     out = torch.zeros_like(partials[0][0])
     for p_out, p_lse in partials:
         out += torch.exp(p_lse - safe).unsqueeze(-1) * p_out
@@ -84,13 +83,13 @@ def _merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 class _Band:
-    """Tile geometry of one direction's band, in the look-ahead frame.
+    """Tile geometry and block-major tensors of one direction's band.
 
-    Rows are cut into blocks of ``block``; tile c pairs query block u with key block u + c, for
-    all u at once (one batched matmul, no skewing). Tile 0 holds the keys at and right of the
-    diagonal (``m >= r + strict`` for row r, key m of the tile); after n full tiles a final
-    tile holds ``m < r + strict``, so that every row's band is exactly the distances
-    [strict, strict + n * block): a uniform cut, and the far region is one shifted causal call.
+    Tile c pairs query block u with key block u - c ("behind") or u + c ("ahead"). Within a tile
+    the distance of (row r, column m) is c * block + d0[r, m], with d0 = r - (block-1-m) behind
+    (keys stored reversed) and m - r ahead. Tile 0 keeps d0 >= strict; after n full tiles a final
+    tile keeps the complement d0 < strict, so every row's band is the distances
+    [strict, strict + n * block).
     """
 
     def __init__(
@@ -101,48 +100,89 @@ class _Band:
         z: Tensor,
         key_valid: Tensor | None,
         *,
-        strict: bool,
+        behind: bool,
         npos: int,
         block: int,
     ) -> None:
         batch, heads, length, dim = qs.shape
         self.batch, self.heads, self.length, self.dim = batch, heads, length, dim
-        self.strict, self.npos, self.block = int(strict), npos, block
-        self.blocks = -(-length // block)
-        self.padded = self.blocks * block  # Tp: rows padded to whole blocks
-        key_blocks = 2 * self.blocks + 1  # tiles reach at most blocks + 1 past a query block
-        self.q = F.pad(qs, (0, 0, 0, self.padded - length)).view(
-            batch, heads, self.blocks, block, dim
-        )
-        key_rows = key_blocks * block
-        self.k = F.pad(k, (0, 0, 0, key_rows - length)).view(batch, heads, key_blocks, block, dim)
-        self.v = F.pad(v, (0, 0, 0, key_rows - length)).view(batch, heads, key_blocks, block, dim)
-        valid = torch.zeros(batch, key_rows, dtype=torch.bool, device=qs.device)
-        valid[:, :length] = True if key_valid is None else key_valid
-        self.valid = valid.view(batch, 1, key_blocks, 1, block)
-        self.has_padding = key_valid is not None
-        z = F.pad(z, (0, 0, 0, self.padded - length))
+        self.behind, self.strict, self.npos, self.block = behind, int(not behind), npos, block
+        self.blocks = blocks = -(-length // block)
+        self.padded = blocks * block  # rows padded to whole blocks
+        # Key blocks: zero blocks in front (behind) or after (ahead) so that every tile's key
+        # block index stays in range.
+        self.front = blocks + 1 if behind else 0
+        self.key_blocks = 2 * blocks + 1
+        self.q = self._rows(qs)
+        self.z = self._rows(z)
         # Difference table dz[n] = z[n+1] - z[n] (0 at the cap): interpolation is one gather.
-        dz = F.pad(z[..., 1:] - z[..., :-1], (0, 1))
-        self.z = z.view(batch, heads, self.blocks, block, npos)
-        self.dz = dz.view(batch, heads, self.blocks, block, npos)
+        self.dz = F.pad(self.z[..., 1:] - self.z[..., :-1], (0, 1))
+        self.k = self._keys(k)
+        self.v = self._keys(v)
+        valid = torch.ones(batch, 1, length, 1, device=qs.device)
+        if key_valid is not None:
+            valid = key_valid[:, None, :, None].float()
+        # (key_blocks, B, 1, 1, block): broadcasts over heads and rows.
+        self.valid = self._keys(valid).transpose(-1, -2).bool()
+        self.has_padding = key_valid is not None
         rows = torch.arange(block, device=qs.device)
-        # Tile 0 keeps keys at or past the diagonal; the final tile keeps the complement.
-        self.first_tile = rows[None, :] >= rows[:, None] + self.strict  # (row, key)
+        d0 = rows[None, :] - rows[:, None]  # ahead: m - r
+        if behind:
+            d0 = rows[:, None] - (block - 1 - rows[None, :])
+        self.first_tile = d0 >= self.strict  # (row, column): kept by tile 0, dropped by final
         per_block = batch * heads * block * block
         self.group = max(1, GROUP_ELEMENTS // per_block)
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """(B, H, T, F) -> block-major (blocks, B, H, block, F), rows padded with zeros."""
+        batch, heads, length, features = x.shape
+        x = F.pad(x, (0, 0, 0, self.padded - length))
+        x = x.view(batch, heads, self.blocks, self.block, features)
+        return x.permute(2, 0, 1, 3, 4).contiguous()
+
+    def _keys(self, x: Tensor) -> Tensor:
+        """(B, H, T, F) -> block-major keys (key_blocks, B, H, block, F), reversed if behind."""
+        batch, heads, length, features = x.shape
+        before = self.front * self.block
+        after = self.key_blocks * self.block - before - length
+        x = F.pad(x, (0, 0, before, after)).view(batch, heads, self.key_blocks, self.block, -1)
+        if self.behind:
+            x = x.flip(-2)
+        return x.permute(2, 0, 1, 3, 4).contiguous()
+
+    def rows_back(self, x: Tensor) -> Tensor:
+        """Block-major rows (blocks, B, H, block, F) -> (B, H, T, F)."""
+        x = x.permute(1, 2, 0, 3, 4).reshape(self.batch, self.heads, self.padded, -1)
+        return x[:, :, : self.length]
+
+    def keys_back(self, x: Tensor) -> Tensor:
+        """Block-major keys -> (B, H, T, F), undoing the padding and the reversal."""
+        x = x.permute(1, 2, 0, 3, 4)
+        if self.behind:
+            x = x.flip(-2)
+        x = x.reshape(self.batch, self.heads, self.key_blocks * self.block, -1)
+        start = self.front * self.block
+        return x[:, :, start : start + self.length]
 
     def groups(self) -> list[tuple[int, int]]:
         """Ranges of query blocks processed together (bounds the working memory)."""
         return [(u, min(u + self.group, self.blocks)) for u in range(0, self.blocks, self.group)]
 
+    def key_slice(self, tile: int, first: int, last: int) -> slice:
+        """Key blocks of a tile for query blocks [first, last)."""
+        shift = self.front - tile if self.behind else tile
+        return slice(first + shift, last + shift)
+
     def scores(self, tile: int, final: bool, first: int, last: int) -> Tensor:
-        """Scores of a tile for query blocks [first, last): (B, H, G, block, block), masked."""
-        keys = self.k[:, :, first + tile : last + tile]
-        scores = self.q[:, :, first:last] @ keys.transpose(-1, -2)
-        past_end = (last + tile) * self.block > self.length
-        if tile == 0 or final or past_end or self.has_padding:
-            allowed = self.valid[:, :, first + tile : last + tile]  # (B, 1, G, 1, block)
+        """Scores of a tile for query blocks [first, last): (G, B, H, block, block), masked."""
+        keys = self.key_slice(tile, first, last)
+        scores = self.q[first:last] @ self.k[keys].transpose(-1, -2)
+        if self.behind:
+            outside = first - tile < 0  # key blocks before the sequence start
+        else:
+            outside = (last + tile) * self.block > self.length
+        if tile == 0 or final or outside or self.has_padding:
+            allowed = self.valid[keys]  # (G, B, 1, 1, block)
             if tile == 0:
                 allowed = allowed & self.first_tile
             elif final:
@@ -160,33 +200,21 @@ class _Band:
         positions.clamp_(max=self.npos - 1)
         floor = positions.long()  # positions are >= 0: truncation is floor
         fraction = positions.sub_(floor)  # interpolation weight of the upper row (Eq. 5)
-        z_floor = self.z[:, :, first:last].gather(-1, floor)
-        dz_floor = self.dz[:, :, first:last].gather(-1, floor)
+        z_floor = self.z[first:last].gather(-1, floor)
+        dz_floor = self.dz[first:last].gather(-1, floor)
         return gates, floor, fraction, z_floor, dz_floor, new_carry
 
 
-def _direction_forward(
-    qs: Tensor,
-    k: Tensor,
-    v: Tensor,
-    z: Tensor,
-    key_valid: Tensor | None,
-    far: tuple[Tensor, Tensor, Tensor, Tensor | None],
-    *,
-    strict: bool,
-    npos: int,
-    block: int,
-    scale: float,
-) -> tuple[Tensor, Tensor, list[Tensor], int, tuple[Tensor, Tensor, Tensor] | None]:
-    """One direction: band (output, lse) in the band frame, carries, tiles, far partial."""
-    band = _Band(qs, k, v, z, key_valid, strict=strict, npos=npos, block=block)
-    batch, heads, length, dim = qs.shape
-    rows = band.padded
-    shape = (batch, heads, band.blocks, block)
-    running_max = qs.new_full(shape, float("-inf"))
-    running_sum = qs.new_zeros(shape)
-    accumulator = qs.new_zeros(*shape, dim)
-    carry = qs.new_zeros(shape)
+def _band_forward(
+    band: _Band,
+) -> tuple[Tensor, Tensor, list[Tensor], int]:
+    """Walk the band's tiles: (output, lse) of the band (B,H,T,*), carries, full tiles."""
+    block = band.block
+    shape = (band.blocks, band.batch, band.heads, block)
+    running_max = band.q.new_full(shape, float("-inf"))
+    running_sum = band.q.new_zeros(shape)
+    accumulator = band.q.new_zeros(*shape, band.dim)
+    carry = band.q.new_zeros(shape)
     carries: list[Tensor] = []
     full_tiles = 0
     final = False
@@ -196,43 +224,41 @@ def _direction_forward(
         for first, last in band.groups():
             scores = band.scores(tile, final, first, last)
             _, _, fraction, z_floor, dz_floor, new_carry = band.interpolate(
-                scores, carry[:, :, first:last], first, last
+                scores, carry[first:last], first, last
             )
-            carry[:, :, first:last] = new_carry
+            carry[first:last] = new_carry
             logits = scores.add_(z_floor.addcmul_(fraction, dz_floor))
-            old_max = running_max[:, :, first:last]
+            old_max = running_max[first:last]
             new_max = torch.maximum(old_max, logits.amax(-1))
             safe_max = new_max.masked_fill(torch.isinf(new_max), 0.0)
             weights = logits.sub_(safe_max.unsqueeze(-1)).exp_()
             rescale = torch.exp(old_max - safe_max)
-            running_sum[:, :, first:last] = running_sum[:, :, first:last] * rescale + weights.sum(
-                -1
-            )
-            accumulator[:, :, first:last] = torch.baddbmm(
-                (accumulator[:, :, first:last] * rescale.unsqueeze(-1)).flatten(0, 2),
+            running_sum[first:last] = running_sum[first:last] * rescale + weights.sum(-1)
+            accumulator[first:last] = torch.baddbmm(
+                (accumulator[first:last] * rescale.unsqueeze(-1)).flatten(0, 2),
                 weights.flatten(0, 2),
-                band.v[:, :, first + tile : last + tile].flatten(0, 2),
-            ).view(batch, heads, last - first, block, dim)
-            running_max[:, :, first:last] = new_max
+                band.v[band.key_slice(tile, first, last)].flatten(0, 2),
+            ).view(accumulator[first:last].shape)
+            running_max[first:last] = new_max
         if final:
             break
         full_tiles += 1
-        # Query blocks whose next tile still holds real keys.
-        open_blocks = -(-(length - full_tiles * block) // block)
+        # Query blocks whose next tile still holds real keys: the last ones behind, the first
+        # ones ahead.
+        open_blocks = band.blocks - full_tiles
         if open_blocks <= 0:
             break  # the band already covers every key
+        still_open = carry[full_tiles:] if band.behind else carry[:open_blocks]
         # Once all of them have passed the cap, one final tile evens the band out to the
         # distances [strict, strict + full_tiles * block) and the rest is the far region.
-        final = bool((carry[:, :, :open_blocks] >= npos - 1).all())
-    running_max = running_max.view(batch, heads, rows)[:, :, :length]
-    running_sum = running_sum.view(batch, heads, rows)[:, :, :length]
-    accumulator = accumulator.view(batch, heads, rows, dim)[:, :, :length]
+        final = bool((still_open >= band.npos - 1).all())
+    running_sum = band.rows_back(running_sum.unsqueeze(-1)).squeeze(-1)
+    running_max = band.rows_back(running_max.unsqueeze(-1)).squeeze(-1)
+    accumulator = band.rows_back(accumulator)
     empty = running_sum == 0
-    band_lse = torch.where(empty, float("-inf"), running_max + running_sum.clamp_min(1e-30).log())
-    band_out = accumulator / running_sum.clamp_min(1e-30).unsqueeze(-1)
-    offset = full_tiles * block + int(strict)
-    far_part = _far_forward(far, z, offset, npos=npos, scale=scale)
-    return band_out, band_lse, carries, full_tiles, far_part
+    lse = torch.where(empty, float("-inf"), running_max + running_sum.clamp_min(1e-30).log())
+    out = accumulator / running_sum.clamp_min(1e-30).unsqueeze(-1)
+    return out, lse, carries, full_tiles
 
 
 def _far_mask(key_valid: Tensor | None, keys: int, dtype: torch.dtype) -> Tensor | None:
@@ -244,40 +270,127 @@ def _far_mask(key_valid: Tensor | None, keys: int, dtype: torch.dtype) -> Tensor
 
 
 def _far_forward(
-    far: tuple[Tensor, Tensor, Tensor, Tensor | None],
-    z_band: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor | None,
+    bias: Tensor,
     offset: int,
-    *,
-    npos: int,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Keys beyond the band: (output, lse with bias, bias) of far-frame rows offset..T-1."""
-    q_far, k_far, v_far, valid_far = far
-    length = q_far.shape[-2]
+    """Far region in its frame: row i sees keys j <= i - offset, all at the capped position.
+
+    Returns (output, lse including the bias, bias) of rows offset..T-1, or None if empty.
+    """
+    length = q.shape[-2]
     if offset >= length:
         return None
     keys = length - offset
-    mask = _far_mask(valid_far, keys, q_far.dtype)
+    mask = _far_mask(key_valid, keys, q.dtype)
     out, lse = _flash_forward(
-        q_far[:, :, offset:], k_far[:, :, :keys], v_far[:, :, :keys], 0.0, True,
-        attn_mask=mask, scale=scale,
-    )  # fmt: skip
-    if valid_far is not None:
+        q[:, :, offset:], k[:, :, :keys], v[:, :, :keys], 0.0, True, attn_mask=mask, scale=scale
+    )
+    if key_valid is not None:
         # The kernel reports lse 0 for rows with no visible key; they have none (-inf).
-        seen = valid_far[:, :keys].cumsum(-1)[:, None, :] > 0
+        seen = key_valid[:, :keys].cumsum(-1)[:, None, :] > 0
         lse = lse.masked_fill(~seen, float("-inf"))
-    # Far keys all sit at the capped position: one bias per row, z_i[npos-1].
-    bias = z_band[..., npos - 1].flip(-1)[:, :, offset:]
+    bias = bias[:, :, offset:]
     return out, lse + bias, bias
 
 
-def _table_views(z: Tensor, npos: int, causal: bool) -> list[tuple[bool, Tensor]]:
-    """Per direction: (strict, position logits indexed by |position|) in the original frame."""
+def _far_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_valid: Tensor | None,
+    grad_out: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    far: tuple[Tensor, Tensor, Tensor],
+    offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Far-region gradients (in its frame) from the flash kernel, and of its per-row bias."""
+    keys = q.shape[-2] - offset
+    far_out, far_lse, bias = far
+    rows = slice(offset, None)
+    # The kernel's probabilities exp(s - lse') must be exp(s + bias - LSE): lse' = LSE - bias.
+    kernel_lse = (lse[:, :, rows] - bias).contiguous()
+    grad_rows = grad_out[:, :, rows].contiguous()
+    dq, dk, dv = _flash_backward(
+        grad_rows, q[:, :, rows], k[:, :, :keys], v[:, :, :keys], out[:, :, rows].contiguous(),
+        kernel_lse, 0.0, True, attn_mask=_far_mask(key_valid, keys, q.dtype), scale=scale,
+    )  # fmt: skip
+    # dL/dbias_i = sum_far P_ij (dP_ij - Delta_i) = mass_i (dO_i . o_far_i - Delta_i).
+    mass = torch.exp(far_lse - lse[:, :, rows])
+    dbias = mass * ((grad_rows * far_out).sum(-1) - delta[:, :, rows])
+    return dq, dk, dv, dbias
+
+
+def _band_backward(
+    band: _Band,
+    grad_out: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    state: _DirectionState,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Band gradients of one direction: dL/d(q*scale), dL/dk, dL/dv, dL/dz_dir (B, H, T, *)."""
+    grad_qs = torch.zeros_like(band.q)
+    grad_k = torch.zeros_like(band.k)
+    grad_v = torch.zeros_like(band.v)
+    grad_z = band.q.new_zeros(*band.q.shape[:-1], band.npos + 1)
+    grad_out_b = band._rows(grad_out)
+    # Padded rows get dO = 0 and Delta = 0, hence zero gradients whatever their lse.
+    lse_b = band._rows(lse.unsqueeze(-1)).squeeze(-1)
+    delta_b = band._rows(delta.unsqueeze(-1)).squeeze(-1)
+    carry_dp = torch.zeros_like(delta_b)  # sum of dL/dp over the farther tiles of each row
+    for tile in reversed(range(len(state.carries))):
+        final = tile == state.tiles  # the extra tile that evens the band out
+        carry = state.carries[tile]
+        for first, last in band.groups():
+            keys = band.key_slice(tile, first, last)
+            scores = band.scores(tile, final, first, last)
+            gates, floor, fraction, z_floor, dz_floor, _ = band.interpolate(
+                scores, carry[first:last], first, last
+            )
+            logits = z_floor.addcmul_(fraction, dz_floor).add_(scores)
+            probs = logits.sub_(lse_b[first:last].unsqueeze(-1)).exp_()
+            grad_out_g = grad_out_b[first:last]
+            grad_probs = grad_out_g @ band.v[keys].transpose(-1, -2)
+            grad_logits = grad_probs.sub_(delta_b[first:last].unsqueeze(-1)).mul_(probs)
+            # dL/dz: the logit c = z[floor] (1 - w) + z[floor + 1] w  (Eq. 5).
+            upper = grad_logits * fraction
+            grad_z_g = grad_z[first:last]
+            grad_z_g.scatter_add_(-1, floor, grad_logits - upper)
+            grad_z_g.scatter_add_(-1, floor + 1, upper)
+            # dL/dp through the slope z[ceil p] - z[floor p]; 0 at integer p, as the reference.
+            grad_pos = dz_floor.masked_fill_(fraction == 0, 0.0).mul_(grad_logits)
+            cumulative = grad_pos.cumsum(-1)
+            total = cumulative[..., -1:]
+            carry_g = carry_dp[first:last]
+            # dL/dg_ik = sum over keys at k or beyond of dL/dp_ij (this tile and farther ones).
+            grad_gates = (grad_pos - cumulative).add_(total + carry_g.unsqueeze(-1))
+            carry_dp[first:last] = carry_g + total.squeeze(-1)
+            grad_scores = grad_gates.mul_(gates * (1 - gates)).add_(grad_logits)
+            grad_qs[first:last] += grad_scores @ band.k[keys]
+            grad_k[keys] += grad_scores.transpose(-1, -2) @ band.q[first:last]
+            grad_v[keys] += probs.transpose(-1, -2) @ grad_out_g
+    return (
+        band.rows_back(grad_qs),
+        band.keys_back(grad_k),
+        band.keys_back(grad_v),
+        band.rows_back(grad_z)[..., : band.npos],
+    )
+
+
+def _directions(z: Tensor, npos: int, causal: bool) -> list[tuple[bool, Tensor]]:
+    """Per direction: (behind, position logits indexed by |position|, (B, H, T, npos))."""
     if causal:
-        return [(False, z)]
+        return [(True, z)]
     left = z[..., npos - 1 :]  # rows npos-1.. hold positions 0..npos-1
     right = z[..., :npos].flip(-1)  # rows npos-1..0 hold positions 0..-(npos-1)
-    return [(False, left), (True, right)]
+    return [(True, left), (False, right)]
 
 
 def _position_logits(q: Tensor, table: Tensor) -> Tensor:
@@ -285,6 +398,13 @@ def _position_logits(q: Tensor, table: Tensor) -> Tensor:
     if table.dim() == 2:
         return q @ table.transpose(0, 1)
     return torch.einsum("bhtd,hnd->bhtn", q, table)
+
+
+def _far_frame(behind: bool, *tensors: Tensor | None) -> list[Tensor | None]:
+    """Tensors in the far region's frame: as they are behind, reversed in time ahead."""
+    if behind:
+        return list(tensors)
+    return [None if x is None else x.flip(-1 if x.dim() <= 3 else -2) for x in tensors]
 
 
 class BlockwiseCoPE(torch.autograd.Function):
@@ -308,36 +428,23 @@ class BlockwiseCoPE(torch.autograd.Function):
         qs = q * scale
         partials: list[tuple[Tensor, Tensor]] = []
         states: list[_DirectionState] = []
-        for strict, z_dir in _table_views(z, npos, causal):
-            flipped = not strict  # leftward keys: look-ahead in the reversed sequence
-            band_frame = (
-                (_flip(qs), _flip(k), _flip(v), _flip(z_dir), _flip(key_valid, -1))
-                if flipped
-                else (qs, k, v, z_dir, key_valid)
-            )
-            far_frame = (
-                (q, k, v, key_valid)
-                if flipped
-                else (_flip(q), _flip(k), _flip(v), _flip(key_valid, -1))
-            )
-            band_out, band_lse, carries, tiles, far_part = _direction_forward(
-                *band_frame, far_frame, strict=strict, npos=npos, block=block, scale=scale
-            )
-            if flipped:
-                band_out, band_lse = band_out.flip(-2), band_lse.flip(-1)
+        for behind, z_dir in _directions(z, npos, causal):
+            band = _Band(qs, k, v, z_dir, key_valid, behind=behind, npos=npos, block=block)
+            band_out, band_lse, carries, tiles = _band_forward(band)
+            del band
             partials.append((band_out, band_lse))
-            far_out = far_lse = far_bias = None
-            if far_part is not None:
-                far_out, far_lse, far_bias = far_part
-                offset = tiles * block + int(strict)
-                out = F.pad(far_out, (0, 0, offset, 0))
-                lse = F.pad(far_lse, (offset, 0), value=float("-inf"))
-                if not flipped:
+            offset = tiles * block + int(not behind)
+            q_f, k_f, v_f, valid_f, bias_f = _far_frame(
+                behind, q, k, v, key_valid, z_dir[..., npos - 1]
+            )
+            far = _far_forward(q_f, k_f, v_f, valid_f, bias_f, offset, scale)
+            if far is not None:
+                out = F.pad(far[0], (0, 0, offset, 0))
+                lse = F.pad(far[1], (offset, 0), value=float("-inf"))
+                if not behind:
                     out, lse = out.flip(-2), lse.flip(-1)
                 partials.append((out, lse))
-            states.append(
-                _DirectionState(flipped, strict, tiles, carries, far_out, far_lse, far_bias)
-            )
+            states.append(_DirectionState(behind, tiles, carries, far))
         out, lse = _merge(partials)
         ctx.save_for_backward(q, k, v, table, z, out, lse, key_valid)
         ctx.states, ctx.causal, ctx.block = states, causal, block
@@ -350,7 +457,6 @@ class BlockwiseCoPE(torch.autograd.Function):
         if not ctx.has_mask:
             key_valid = None
         npos = npos_of_table(table, ctx.causal)
-        block = ctx.block
         length = q.shape[-2]
         scale = 1.0 / math.sqrt(q.shape[-1])
         grad_out = grad_out.contiguous()
@@ -363,53 +469,35 @@ class BlockwiseCoPE(torch.autograd.Function):
         grad_z = torch.zeros_like(z)
         # Rows with no visible key: exp(s - inf) = 0 keeps their (zero) gradients finite.
         lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))
-        for state, (strict, z_dir) in zip(
-            ctx.states, _table_views(z, npos, ctx.causal), strict=True
-        ):
-            flip = state.flipped
-            original = (qs, k, v, z_dir, grad_out, lse_safe, delta, key_valid)
-            reversed_ = (
-                qs.flip(-2), k.flip(-2), v.flip(-2), z_dir.flip(-2), grad_out.flip(-2),
-                lse_safe.flip(-1), delta.flip(-1), _flip(key_valid, -1),
-            )  # fmt: skip
-            band_args = reversed_ if flip else original
-            grad_z_dir, band_grads = _band_backward(*band_args, state, npos=npos, block=block)
-            if flip:
-                grad_z_dir = grad_z_dir.flip(-2)
-                band_grads = tuple(x.flip(-2) for x in band_grads)
-            grad_qs += band_grads[0]
-            grad_k += band_grads[1]
-            grad_v += band_grads[2]
-            if state.far_out is not None:
-                offset = state.tiles * block + int(strict)
+        directions = _directions(z, npos, ctx.causal)
+        for state, (behind, z_dir) in zip(ctx.states, directions, strict=True):
+            band = _Band(qs, k, v, z_dir, key_valid, behind=behind, npos=npos, block=ctx.block)
+            dqs, dk, dv, grad_z_dir = _band_backward(band, grad_out, lse_safe, delta, state)
+            del band
+            grad_qs += dqs
+            grad_k += dk
+            grad_v += dv
+            if state.far is not None:
+                offset = state.tiles * ctx.block + state.strict
                 keys = length - offset
-                far_args = (
-                    (q, k, v, key_valid, grad_out, out, lse_safe, delta)
-                    if flip
-                    else (
-                        q.flip(-2), k.flip(-2), v.flip(-2), _flip(key_valid, -1),
-                        grad_out.flip(-2), out.flip(-2), lse_safe.flip(-1), delta.flip(-1),
-                    )
-                )  # fmt: skip
-                dq_far, dk_far, dv_far, dbias = _far_backward(
-                    *far_args, state, offset=offset, scale=scale
-                )
-                if flip:  # far frame = original
+                far_args = _far_frame(behind, q, k, v, key_valid, grad_out, out, lse_safe, delta)
+                dq_far, dk_far, dv_far, dbias = _far_backward(*far_args, state.far, offset, scale)
+                if behind:
                     grad_q[:, :, offset:] += dq_far
                     grad_k[:, :, :keys] += dk_far
                     grad_v[:, :, :keys] += dv_far
                     grad_z_dir[:, :, offset:, npos - 1] += dbias
-                else:  # far frame = reversed
+                else:  # the far frame was reversed
                     grad_q[:, :, :keys] += dq_far.flip(-2)
                     grad_k[:, :, offset:] += dk_far.flip(-2)
                     grad_v[:, :, offset:] += dv_far.flip(-2)
                     grad_z_dir[:, :, :keys, npos - 1] += dbias.flip(-1)
             if ctx.causal:
                 grad_z += grad_z_dir
-            elif strict:
-                grad_z[..., :npos] += grad_z_dir.flip(-1)
-            else:
+            elif behind:
                 grad_z[..., npos - 1 :] += grad_z_dir
+            else:
+                grad_z[..., :npos] += grad_z_dir.flip(-1)
         grad_q += grad_qs * scale
         if table.dim() == 2:
             grad_q += grad_z @ table
@@ -418,110 +506,6 @@ class BlockwiseCoPE(torch.autograd.Function):
             grad_q += torch.einsum("bhtn,hnd->bhtd", grad_z, table)
             grad_table = torch.einsum("bhtn,bhtd->hnd", grad_z, q)
         return grad_q, grad_k, grad_v, grad_table, None, None, None
-
-
-def _far_backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_valid: Tensor | None,
-    grad_out: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    state: _DirectionState,
-    *,
-    offset: int,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Far-region gradients (far frame) from the flash kernel, and of its per-row bias."""
-    keys = q.shape[-2] - offset
-    mask = _far_mask(key_valid, keys, q.dtype)
-    far_lse, bias = state.far_lse, state.far_bias
-    rows = slice(offset, None)
-    # The kernel's probabilities exp(s - lse') must be exp(s + bias - LSE): lse' = LSE - bias.
-    kernel_lse = (lse[:, :, rows] - bias).contiguous()
-    dq, dk, dv = _flash_backward(
-        grad_out[:, :, rows].contiguous(), q[:, :, rows], k[:, :, :keys], v[:, :, :keys],
-        out[:, :, rows].contiguous(), kernel_lse, 0.0, True, attn_mask=mask, scale=scale,
-    )  # fmt: skip
-    # dL/dbias_i = sum_far P_ij (dP_ij - Delta_i) = mass_i (dO_i . o_far_i - Delta_i).
-    mass = torch.exp(far_lse - lse[:, :, rows])
-    far_dot = (grad_out[:, :, rows] * state.far_out).sum(-1)
-    dbias = mass * (far_dot - delta[:, :, rows])
-    return dq, dk, dv, dbias
-
-
-def _band_backward(
-    qs: Tensor,
-    k: Tensor,
-    v: Tensor,
-    z: Tensor,
-    grad_out: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    key_valid: Tensor | None,
-    state: _DirectionState,
-    *,
-    npos: int,
-    block: int,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Band gradients of one direction, all in its band frame.
-
-    Returns dL/dz_dir (B, H, T, npos) and (dL/d(q*scale), dL/dk, dL/dv).
-    """
-    band = _Band(qs, k, v, z, key_valid, strict=state.strict, npos=npos, block=block)
-    batch, heads, length, dim = qs.shape
-    rows = band.padded
-    shape = (batch, heads, band.blocks, block)
-    grad_qs_b = qs.new_zeros(*shape, dim)
-    grad_k_b = torch.zeros_like(band.k)
-    grad_v_b = torch.zeros_like(band.v)
-    grad_z_b = qs.new_zeros(*shape, npos + 1)
-    grad_out_b = F.pad(grad_out, (0, 0, 0, rows - length)).view(*shape, dim)
-    lse_b = F.pad(lse, (0, rows - length), value=float("inf")).view(shape)
-    delta_b = F.pad(delta, (0, rows - length)).view(shape)
-    carry_dp = qs.new_zeros(shape)  # sum of dL/dp over the farther tiles of each row
-    tiles = len(state.carries)
-    for tile in reversed(range(tiles)):
-        final = tile == state.tiles  # the extra tile that evens the band out
-        carry = state.carries[tile]
-        for first, last in band.groups():
-            scores = band.scores(tile, final, first, last)
-            gates, floor, fraction, z_floor, dz_floor, _ = band.interpolate(
-                scores, carry[:, :, first:last], first, last
-            )
-            logits = z_floor.addcmul_(fraction, dz_floor).add_(scores)
-            probs = logits.sub_(lse_b[:, :, first:last].unsqueeze(-1)).exp_()
-            grad_out_g = grad_out_b[:, :, first:last]
-            keys = band.k[:, :, first + tile : last + tile]
-            values = band.v[:, :, first + tile : last + tile]
-            grad_probs = grad_out_g @ values.transpose(-1, -2)
-            grad_logits = grad_probs.sub_(delta_b[:, :, first:last].unsqueeze(-1)).mul_(probs)
-            # dL/dz: the logit c = z[floor] (1 - w) + z[floor + 1] w  (Eq. 5).
-            upper = grad_logits * fraction
-            grad_z_g = grad_z_b[:, :, first:last]
-            grad_z_g.scatter_add_(-1, floor, grad_logits - upper)
-            grad_z_g.scatter_add_(-1, floor + 1, upper)
-            # dL/dp through the slope z[ceil p] - z[floor p]; 0 at integer p, as the reference.
-            grad_pos = dz_floor.masked_fill_(fraction == 0, 0.0).mul_(grad_logits)
-            cumulative = grad_pos.cumsum(-1)
-            total = cumulative[..., -1:]
-            carry_g = carry_dp[:, :, first:last]
-            # dL/dg_ik = sum over keys at k or beyond of dL/dp_ij (this tile and farther ones).
-            grad_gates = (grad_pos - cumulative).add_(total + carry_g.unsqueeze(-1))
-            carry_dp[:, :, first:last] = carry_g + total.squeeze(-1)
-            grad_scores = grad_gates.mul_(gates * (1 - gates)).add_(grad_logits)
-            grad_qs_b[:, :, first:last] += grad_scores @ keys
-            grad_k_b[:, :, first + tile : last + tile] += (
-                grad_scores.transpose(-1, -2) @ band.q[:, :, first:last]
-            )
-            grad_v_b[:, :, first + tile : last + tile] += probs.transpose(-1, -2) @ grad_out_g
-    grad_qs_b = grad_qs_b.view(batch, heads, rows, dim)[:, :, :length]
-    grad_k_b = grad_k_b.flatten(2, 3)[:, :, :length]
-    grad_v_b = grad_v_b.flatten(2, 3)[:, :, :length]
-    grad_z_dir = grad_z_b.view(batch, heads, rows, npos + 1)[:, :, :length, :npos]
-    return grad_z_dir, (grad_qs_b, grad_k_b, grad_v_b)
 
 
 def blockwise_cope_attention(

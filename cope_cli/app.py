@@ -267,6 +267,8 @@ def train_command(
         preset=preset_name,
     )
     result = train(recipe_name, config, options, RichObserver())
+    if not result.is_main:
+        return  # other ranks of a torchrun job: rank 0 reports
     if result.status == "interrupted":
         error_console.print(
             f"[yellow]interrupted at step {result.step}[/]; checkpoint saved in {result.run_dir}. "

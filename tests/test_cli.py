@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +267,60 @@ def test_counting_end_to_end_train_and_eval(tmp_path: Path) -> None:
     assert {"val", "test", "long", "more-pass"} <= set(evaluation["splits"])
     assert "error %" in result.output
     assert cope("eval", "counting", "--pe", "cope", "--out", tmp_path).exit_code == 0
+
+
+LAUNCHER = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import test_engine_support  # the tiny recipes
+from cope_cli.app import main
+main()
+"""
+
+
+def test_ctrl_c_stops_after_saving_and_the_run_resumes(tmp_path: Path) -> None:
+    from recipes.base import get_recipe
+    from recipes.engine.checkpoint import load_checkpoint
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import TrainOptions, train
+
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER)
+    options = ["--set", "train.eval_every=100000", "--set", "train.checkpoint_every=100000"]
+    command = [
+        sys.executable, str(script), str(Path(__file__).parent), "train", "tiny-majority",
+        "--pe", "abs", "--steps", "100000", "--out", str(tmp_path / "runs"), *options,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            runs = rundir.find_runs(tmp_path / "runs")
+            if runs and any(r["step"] >= 10 for r in rundir.read_metrics(runs[0])):
+                process.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    (run,) = rundir.find_runs(tmp_path / "runs")
+    saved = load_checkpoint(run / "checkpoint.pt")["progress"]["step"]
+    assert saved >= 10 and not rundir.is_finished(run)
+    config = resolve_config(
+        get_recipe("tiny-majority"),
+        cli_options={"model.pe": "abs", "train.steps": 100000},
+        set_options={"train.eval_every": 100000, "train.checkpoint_every": 100000},
+    )
+    resumed = train(
+        "tiny-majority", config, TrainOptions(out=tmp_path / "runs", resume=True, stop_after=3)
+    )
+    assert resumed.run_dir == run and resumed.step == saved + 3
 
 
 def test_installed_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:

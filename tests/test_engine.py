@@ -91,6 +91,7 @@ def test_resume_after_a_stop_is_bit_exact(tmp_path: Path) -> None:
     assert train_steps == sorted(set(train_steps))  # nothing logged twice
 
 
+@pytest.mark.slow  # a subprocess importing torch plus two short trainings: ~20 s on 2 busy CPUs
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     """A real kill -9 mid-run, then --resume, ends with the same weights as a straight run."""
     options = {"train.steps": 120, "train.checkpoint_every": 7, "train.eval_every": 50}

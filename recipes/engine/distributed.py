@@ -6,6 +6,7 @@ Only rank 0 writes (run directory, checkpoints, metrics); decisions that every r
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,13 @@ def init_distributed(device: torch.device) -> DistContext:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_shutdown)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast(value: Any, context: DistContext) -> Any:
@@ -67,6 +74,15 @@ def mean_across_ranks(value: torch.Tensor, context: DistContext) -> torch.Tensor
     reduced = value.detach().clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced / context.world_size
+
+
+def any_rank(flag: bool, context: DistContext) -> bool:
+    """Whether ``flag`` is true on any rank (e.g. Ctrl-C reached only some processes)."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def barrier(context: DistContext) -> None:

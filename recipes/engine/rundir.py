@@ -183,12 +183,35 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = path, enabled
+        self.tensorboard: Any = None
+
+    def open_tensorboard(self, folder: Path) -> None:
+        """Mirror numeric fields to TensorBoard when it is installed (it is optional)."""
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(log_dir=str(folder))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one record (and send its numbers to TensorBoard)."""
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and "step" in record:
+            prefix = "/".join(str(record[key]) for key in ("kind", "split") if key in record)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close TensorBoard's writer, if any."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: a killed run may have logged beyond its last checkpoint."""

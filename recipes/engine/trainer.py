@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from recipes.engine.checkpoint import (
 from recipes.engine.config import config_differences
 from recipes.engine.distributed import (
     DistContext,
+    any_rank,
     barrier,
     broadcast,
     init_distributed,
@@ -99,7 +100,7 @@ class RunResult:
     status: str  # "finished" | "reused" | "stopped" | "interrupted"
     step: int
     evaluation: dict[str, Any] | None = None
-    messages: list[str] = field(default_factory=list)
+    is_main: bool = True  # False on the other ranks of a torchrun job (they render nothing)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -254,7 +255,16 @@ def train(
         torch.cuda.set_device(device)
     configure_threads(device, context)
 
-    plan = broadcast(plan_run(recipe_name, config, options) if context.is_main else None, context)
+    # Rank 0 decides; a refusal must reach every rank, or the others would wait forever.
+    plan, refusal = None, None
+    if context.is_main:
+        try:
+            plan = plan_run(recipe_name, config, options)
+        except UserError as error:
+            refusal = str(error)
+    plan, refusal = broadcast((plan, refusal), context)
+    if refusal is not None:
+        raise UserError(refusal)
     if plan.note and context.is_main:
         observer.message(plan.note)
     if plan.reuse:
@@ -311,6 +321,7 @@ def train(
 
     metrics = rundir.MetricsLog(run_dir / rundir.METRICS_FILE, enabled=context.is_main)
     metrics.truncate_after(progress["step"])
+    metrics.open_tensorboard(run_dir / "tensorboard")
 
     def checkpoint() -> None:
         if context.is_main:
@@ -409,19 +420,21 @@ def train(
                             f"{config['train.patience']} evaluations"
                         )
                     break
-                if stop.requested or (
+                interrupted = any_rank(stop.requested, context)
+                if interrupted or (
                     options.stop_after is not None and step - start_step >= options.stop_after
                 ):
                     if not evaluated and step % checkpoint_every != 0:
                         checkpoint()
-                    status = "interrupted" if stop.requested else "stopped"
+                    status = "interrupted" if interrupted else "stopped"
                     break
     finally:
+        metrics.close()
         if context.is_main:
             observer.train_end()
     if status != "finished":
         barrier(context)
-        return RunResult(run_dir, status, progress["step"])
+        return RunResult(run_dir, status, progress["step"], is_main=context.is_main)
 
     evaluation = None
     if context.is_main:
@@ -431,7 +444,7 @@ def train(
         metrics.log({"kind": "final", "step": progress["step"], "splits": evaluation["splits"]})
         (run_dir / rundir.DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     barrier(context)
-    return RunResult(run_dir, "finished", progress["step"], evaluation)
+    return RunResult(run_dir, "finished", progress["step"], evaluation, context.is_main)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

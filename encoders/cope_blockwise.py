@@ -109,20 +109,17 @@ class _Band:
         self.behind, self.strict, self.npos, self.block = behind, int(not behind), npos, block
         self.blocks = blocks = -(-length // block)
         self.padded = blocks * block  # rows padded to whole blocks
-        # Key blocks: zero blocks in front (behind) or after (ahead) so that every tile's key
-        # block index stays in range.
-        self.front = blocks + 1 if behind else 0
-        self.key_blocks = 2 * blocks + 1
         self.q = self._rows(qs)
-        self.z = self._rows(z)
-        # Difference table dz[n] = z[n+1] - z[n] (0 at the cap): interpolation is one gather.
-        self.dz = F.pad(self.z[..., 1:] - self.z[..., :-1], (0, 1))
+        z = self._rows(z)
+        # z[n] and the difference dz[n] = z[n+1] - z[n] (0 at the cap) as one complex table:
+        # the interpolation c = z[floor] + w dz[floor] then needs a single gather.
+        self.z = torch.complex(z, F.pad(z[..., 1:] - z[..., :-1], (0, 1)))
         self.k = self._keys(k)
         self.v = self._keys(v)
         valid = torch.ones(batch, 1, length, 1, device=qs.device)
         if key_valid is not None:
             valid = key_valid[:, None, :, None].float()
-        # (key_blocks, B, 1, 1, block): broadcasts over heads and rows.
+        # (blocks, B, 1, 1, block): broadcasts over heads and rows.
         self.valid = self._keys(valid).transpose(-1, -2).bool()
         self.has_padding = key_valid is not None
         rows = torch.arange(block, device=qs.device)
@@ -141,11 +138,11 @@ class _Band:
         return x.permute(2, 0, 1, 3, 4).contiguous()
 
     def _keys(self, x: Tensor) -> Tensor:
-        """(B, H, T, F) -> block-major keys (key_blocks, B, H, block, F), reversed if behind."""
+        """(B, H, T, F) -> block-major keys (blocks, B, H, block, F), reversed if behind."""
         batch, heads, length, features = x.shape
-        before = self.front * self.block
-        after = self.key_blocks * self.block - before - length
-        x = F.pad(x, (0, 0, before, after)).view(batch, heads, self.key_blocks, self.block, -1)
+        x = F.pad(x, (0, 0, 0, self.padded - length)).view(
+            batch, heads, self.blocks, self.block, -1
+        )
         if self.behind:
             x = x.flip(-2)
         return x.permute(2, 0, 1, 3, 4).contiguous()
@@ -160,28 +157,29 @@ class _Band:
         x = x.permute(1, 2, 0, 3, 4)
         if self.behind:
             x = x.flip(-2)
-        x = x.reshape(self.batch, self.heads, self.key_blocks * self.block, -1)
-        start = self.front * self.block
-        return x[:, :, start : start + self.length]
+        x = x.reshape(self.batch, self.heads, self.padded, -1)
+        return x[:, :, : self.length]
 
-    def groups(self) -> list[tuple[int, int]]:
-        """Ranges of query blocks processed together (bounds the working memory)."""
-        return [(u, min(u + self.group, self.blocks)) for u in range(0, self.blocks, self.group)]
+    def groups(self, tile: int) -> list[tuple[int, int]]:
+        """Ranges of query blocks processed together in a tile (bounds the working memory).
+
+        Only blocks whose tile has keys: u >= tile behind, u < blocks - tile ahead.
+        """
+        start, stop = (tile, self.blocks) if self.behind else (0, self.blocks - tile)
+        return [(u, min(u + self.group, stop)) for u in range(start, stop, self.group)]
 
     def key_slice(self, tile: int, first: int, last: int) -> slice:
         """Key blocks of a tile for query blocks [first, last)."""
-        shift = self.front - tile if self.behind else tile
+        shift = -tile if self.behind else tile
         return slice(first + shift, last + shift)
 
     def scores(self, tile: int, final: bool, first: int, last: int) -> Tensor:
         """Scores of a tile for query blocks [first, last): (G, B, H, block, block), masked."""
         keys = self.key_slice(tile, first, last)
         scores = self.q[first:last] @ self.k[keys].transpose(-1, -2)
-        if self.behind:
-            outside = first - tile < 0  # key blocks before the sequence start
-        else:
-            outside = (last + tile) * self.block > self.length
-        if tile == 0 or final or outside or self.has_padding:
+        # Only the last key block can hold keys past the end of the sequence.
+        ragged = keys.stop == self.blocks and self.padded > self.length
+        if tile == 0 or final or ragged or self.has_padding:
             allowed = self.valid[keys]  # (G, B, 1, 1, block)
             if tile == 0:
                 allowed = allowed & self.first_tile
@@ -200,8 +198,8 @@ class _Band:
         positions.clamp_(max=self.npos - 1)
         floor = positions.long()  # positions are >= 0: truncation is floor
         fraction = positions.sub_(floor)  # interpolation weight of the upper row (Eq. 5)
-        z_floor = self.z[first:last].gather(-1, floor)
-        dz_floor = self.dz[first:last].gather(-1, floor)
+        gathered = torch.view_as_real(self.z[first:last].gather(-1, floor))
+        z_floor, dz_floor = gathered[..., 0], gathered[..., 1]
         return gates, floor, fraction, z_floor, dz_floor, new_carry
 
 
@@ -221,24 +219,22 @@ def _band_forward(
     while True:
         tile = full_tiles
         carries.append(carry.clone())
-        for first, last in band.groups():
+        for first, last in band.groups(tile):
             scores = band.scores(tile, final, first, last)
             _, _, fraction, z_floor, dz_floor, new_carry = band.interpolate(
                 scores, carry[first:last], first, last
             )
             carry[first:last] = new_carry
-            logits = scores.add_(z_floor.addcmul_(fraction, dz_floor))
+            logits = scores.add_(z_floor).addcmul_(fraction, dz_floor)
             old_max = running_max[first:last]
             new_max = torch.maximum(old_max, logits.amax(-1))
-            safe_max = new_max.masked_fill(torch.isinf(new_max), 0.0)
+            safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
             weights = logits.sub_(safe_max.unsqueeze(-1)).exp_()
-            rescale = torch.exp(old_max - safe_max)
-            running_sum[first:last] = running_sum[first:last] * rescale + weights.sum(-1)
-            accumulator[first:last] = torch.baddbmm(
-                (accumulator[first:last] * rescale.unsqueeze(-1)).flatten(0, 2),
-                weights.flatten(0, 2),
-                band.v[band.key_slice(tile, first, last)].flatten(0, 2),
-            ).view(accumulator[first:last].shape)
+            rescale = old_max.sub_(safe_max).exp_()
+            running_sum[first:last].mul_(rescale).add_(weights.sum(-1))
+            accumulator[first:last].mul_(rescale.unsqueeze(-1)).flatten(0, 2).baddbmm_(
+                weights.flatten(0, 2), band.v[band.key_slice(tile, first, last)].flatten(0, 2)
+            )
             running_max[first:last] = new_max
         if final:
             break
@@ -348,13 +344,13 @@ def _band_backward(
     for tile in reversed(range(len(state.carries))):
         final = tile == state.tiles  # the extra tile that evens the band out
         carry = state.carries[tile]
-        for first, last in band.groups():
+        for first, last in band.groups(tile):
             keys = band.key_slice(tile, first, last)
             scores = band.scores(tile, final, first, last)
             gates, floor, fraction, z_floor, dz_floor, _ = band.interpolate(
                 scores, carry[first:last], first, last
             )
-            logits = z_floor.addcmul_(fraction, dz_floor).add_(scores)
+            logits = scores.add(z_floor).addcmul_(fraction, dz_floor)
             probs = logits.sub_(lse_b[first:last].unsqueeze(-1)).exp_()
             grad_out_g = grad_out_b[first:last]
             grad_probs = grad_out_g @ band.v[keys].transpose(-1, -2)
@@ -365,7 +361,7 @@ def _band_backward(
             grad_z_g.scatter_add_(-1, floor, grad_logits - upper)
             grad_z_g.scatter_add_(-1, floor + 1, upper)
             # dL/dp through the slope z[ceil p] - z[floor p]; 0 at integer p, as the reference.
-            grad_pos = dz_floor.masked_fill_(fraction == 0, 0.0).mul_(grad_logits)
+            grad_pos = dz_floor.masked_fill(fraction == 0, 0.0).mul_(grad_logits)
             cumulative = grad_pos.cumsum(-1)
             total = cumulative[..., -1:]
             carry_g = carry_dp[first:last]

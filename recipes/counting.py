@@ -143,13 +143,15 @@ SMALL: Config = {
     **SMALL_MODEL,
     **SMALL_TRAIN,
     "model.npos": 32,  # the prototype: npos 32 was as good as 259 in distribution
-    "model.max_len": longest_program(128),
+    "model.max_len": longest_program(64),
     "data.train_size": 32000,  # steps x batch: every training program is fresh
     "data.eval_size": 1000,
+    # Half the prototype's 3-64 statements: CoPE's steps cost ~3x absolute PE's on CPU, and a
+    # 3 x 3 comparison has to fit in minutes on 2 shared CPUs.
     "data.min_statements": 3,
-    "data.max_statements": 64,
-    "data.long_min_statements": 65,
-    "data.long_max_statements": 128,
+    "data.max_statements": 32,
+    "data.long_min_statements": 33,
+    "data.long_max_statements": 64,
 }
 
 PAPER: Config = {

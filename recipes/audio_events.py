@@ -86,12 +86,12 @@ class EventSettings:
 
     seed: int = 0
     kinds: int = 6
-    events: tuple[int, int] = (3, 6)
-    ood_events: tuple[int, int] = (9, 11)
-    max_n: int = 3
+    events: tuple[int, int] = (2, 5)
+    ood_events: tuple[int, int] = (8, 10)
+    max_n: int = 2
     questions: str = "nth"  # "nth" | "count" | "both"
     event_ms: tuple[float, float] = (40.0, 400.0)
-    gap_ms: tuple[float, float] = (40.0, 200.0)
+    gap_ms: tuple[float, float] = (30.0, 150.0)
     slow_factor: float = 2.0
     train_size: int = 3000
     eval_size: int = 400
@@ -116,13 +116,13 @@ class EventSettings:
     @classmethod
     def from_config(cls, config: Config) -> EventSettings:
         event_ms = parse_range(config.get("data.event_ms", "40-400"), "data.event_ms")
-        gap_ms = parse_range(config.get("data.gap_ms", "40-200"), "data.gap_ms")
+        gap_ms = parse_range(config.get("data.gap_ms", "30-150"), "data.gap_ms")
         return cls(
             seed=int(config.get("data.seed", 0)),
             kinds=int(config.get("data.kinds", 6)),
-            events=parse_range(config.get("data.events", "3-6"), "data.events"),
-            ood_events=parse_range(config.get("data.ood_events", "9-11"), "data.ood_events"),
-            max_n=int(config.get("data.max_n", 3)),
+            events=parse_range(config.get("data.events", "2-5"), "data.events"),
+            ood_events=parse_range(config.get("data.ood_events", "8-10"), "data.ood_events"),
+            max_n=int(config.get("data.max_n", 2)),
             questions=str(config.get("data.questions", "nth")),
             event_ms=(float(event_ms[0]), float(event_ms[1])),
             gap_ms=(float(gap_ms[0]), float(gap_ms[1])),
@@ -361,12 +361,12 @@ class AudioEvents(Recipe):
     metric = "accuracy"
     defaults: Config = {
         "data.kinds": 6,
-        "data.events": "3-6",
-        "data.ood_events": "9-11",
-        "data.max_n": 3,
+        "data.events": "2-5",
+        "data.ood_events": "8-10",
+        "data.max_n": 2,
         "data.questions": "nth",
         "data.event_ms": "40-400",
-        "data.gap_ms": "40-200",
+        "data.gap_ms": "30-150",
         "data.slow_factor": 2.0,
         "data.train_size": 3000,
         "data.eval_size": 400,
@@ -386,6 +386,8 @@ class AudioEvents(Recipe):
         "full": {
             "data.events": "3-8",
             "data.ood_events": "10-12",
+            "data.max_n": 3,
+            "data.gap_ms": "40-200",
             "data.questions": "both",
             "data.train_size": 12000,
             "data.eval_size": 1000,

@@ -67,7 +67,8 @@ def test_nth_question_never_depends_on_the_event_count() -> None:
         assert n <= count  # every question has an answer
         pairs.add((count, n))
     # every n is asked at every K: "the n-th" is never a synonym of "the last"
-    assert pairs == {(k, n) for k in range(3, 7) for n in range(1, 4)}
+    low, high = SMALL.events
+    assert pairs == {(k, n) for k in range(low, high + 1) for n in range(1, SMALL.max_n + 1)}
 
 
 def test_events_are_where_the_audio_is_loud(train_split: dict) -> None:
@@ -184,3 +185,18 @@ def test_bad_options_are_user_errors() -> None:
         EventSettings.from_config({"data.events": "2-6", "data.max_n": 3})
     with pytest.raises(UserError, match="data.events"):
         EventSettings.from_config({"data.events": "many"})
+
+
+def test_cli_trains_audio_events_end_to_end(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    arguments = ["train", "audio-events", "--pe", "cope", "--steps", "3"]
+    arguments += ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    for option in ("data.train_size=24", "data.eval_size=8", "train.batch_size=4"):
+        arguments += ["--set", option]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    (evaluation,) = (tmp_path / "runs" / "audio-events" / "cope").glob("*/eval.json")
+    assert {"val", "test", "slow", "more-events"} <= set(evaluation.read_text().split('"'))

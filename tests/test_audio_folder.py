@@ -90,3 +90,17 @@ def test_model_classifies_padded_batches_of_different_lengths(tmp_path: Path) ->
     assert batch["padding_mask"].any()
     model = recipe.build_model(CONFIG, bundle.info)
     assert model(batch["inputs"], batch["padding_mask"]).shape == (4, 2)
+
+
+def test_cli_trains_on_an_audio_folder_and_counts_skipped_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    root = make_folder(tmp_path / "data")
+    arguments = ["train", "audio-folder", "--pe", "abs", "--steps", "3"]
+    arguments += ["--data-dir", str(root), "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, [*arguments, "--set", "train.batch_size=4"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1" in result.output
+    assert list((tmp_path / "runs" / "audio-folder" / "abs").glob("*/eval.json"))

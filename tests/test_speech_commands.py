@@ -256,3 +256,29 @@ def test_damaged_archive_is_a_user_error_and_unpacks_nothing(tmp_path: Path, arc
         SpeechCommands().download(tmp_path)
     assert not (tmp_path / "speech_commands_v0.02").exists()
     assert not list(tmp_path.glob(".speech_commands_v0.02.partial-*"))
+
+
+def test_cli_trains_speech_commands_on_a_fixture_tree(tree, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    data_dir, _ = tree
+    arguments = ["train", "speech-commands", "--pe", "rope", "--steps", "3"]
+    arguments += ["--data-dir", str(data_dir), "--out", str(tmp_path / "runs")]
+    arguments += ["--set", "train.batch_size=8", "--set", "data.protocol=35"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "skipped 1" in result.output  # the corrupt WAV
+    assert list((tmp_path / "runs" / "speech-commands" / "rope").glob("*/eval.json"))
+
+
+def test_cli_without_data_says_so_in_one_sentence(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    arguments = ["train", "speech-commands", "--steps", "1", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*arguments, "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "pass --download" in result.output and "Traceback" not in result.output

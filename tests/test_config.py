@@ -131,3 +131,8 @@ def test_malformed_toml_is_a_user_error_naming_the_file(tmp_path: Path) -> None:
 def test_missing_recipe_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="file not found"):
         load_recipe_file(tmp_path / "absent.toml")
+
+
+def test_encoder_options_are_checked_before_training() -> None:
+    with pytest.raises(UserError, match="model options: dim 30 is not divisible by heads 4"):
+        resolve_config(get_recipe("tiny-majority"), set_options={"model.dim": 30})

@@ -246,6 +246,19 @@ def validate_config(config: Config) -> None:
     if config.get("train.steps", 0) == 0 and config.get("train.epochs", 0) == 0:
         raise UserError("train.steps or train.epochs must be positive")
     validate_position_encoding(config["model.pe"])
+    validate_encoder_options(config)
+
+
+def validate_encoder_options(config: Config) -> None:
+    """The model.* keys must make a valid EncoderConfig (e.g. dim divisible by heads)."""
+    try:
+        from recipes.base import encoder_config
+
+        encoder_config(config)
+    except ImportError:
+        return  # encoders.transformer not there yet
+    except (ValueError, TypeError) as error:
+        raise UserError(f"model options: {error}") from None
 
 
 def validate_position_encoding(name: str) -> None:

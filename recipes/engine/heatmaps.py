@@ -112,9 +112,13 @@ def plot_layer(
     )
     row = 0
     if signal:
-        _draw_signal(grid[0][0], signal, tokens, offset)
-        for column in range(1, heads):
+        from matplotlib.cm import ScalarMappable
+
+        for column in range(heads):
             _draw_signal(grid[0][column], signal, tokens, offset)
+            # an invisible colorbar gives the signal the heatmaps' width, so columns line up
+            spacer = figure.colorbar(ScalarMappable(), ax=grid[0][column], fraction=0.046, pad=0.02)
+            spacer.ax.set_visible(False)
         row = 1
     onsets = [offset + onset for onset in (signal or {}).get("onsets", []) or []]
     maps = ([("positions p_ij", positions, "viridis")] if positions is not None else []) + [

@@ -276,10 +276,7 @@ def train(
     if bundle.skipped and context.is_main:
         observer.message(f"skipped {bundle.skipped} unreadable items while building the data")
     seed_everything(config["train.seed"])
-    try:
-        model = recipe.build_model(config, bundle.info)
-    except ValueError as error:  # e.g. get_position_encoding on an unknown name
-        raise UserError(str(error)) from None
+    model = recipe.build_model(config, bundle.info)
     model.to(device)
     sampler = ResumableBatchSampler(
         len(bundle.train),  # type: ignore[arg-type]
@@ -322,6 +319,17 @@ def train(
     metrics = rundir.MetricsLog(run_dir / rundir.METRICS_FILE, enabled=context.is_main)
     metrics.truncate_after(progress["step"])
     metrics.open_tensorboard(run_dir / "tensorboard")
+    if plan.run_dir is None:
+        metrics.log(
+            {
+                "kind": "data",
+                "step": 0,
+                "train_size": len(bundle.train),  # type: ignore[arg-type]
+                "splits": {name: len(split.dataset) for name, split in bundle.splits.items()},
+                "skipped": bundle.skipped,
+                "total_steps": total_steps,
+            }
+        )
 
     def checkpoint() -> None:
         if context.is_main:

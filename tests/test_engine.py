@@ -87,6 +87,8 @@ def test_resume_after_a_stop_is_bit_exact(tmp_path: Path) -> None:
         for key in expected:
             assert torch.equal(expected[key], actual[key]), (name, key)
     assert straight.evaluation["splits"] == resumed.evaluation["splits"]
+    env = json.loads((resumed.run_dir / "env.json").read_text())
+    assert [entry["step"] for entry in env["resumed"]] == [13]
     train_steps = [r["step"] for r in rundir.read_metrics(resumed.run_dir) if r["kind"] == "train"]
     assert train_steps == sorted(set(train_steps))  # nothing logged twice
 

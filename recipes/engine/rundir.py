@@ -178,6 +178,25 @@ def environment(device: str, world_size: int = 1) -> dict[str, Any]:
     }
 
 
+def note_resumption(run_dir: Path, step: int, device: str) -> None:
+    """Record in env.json when, where and how a run was resumed (provenance)."""
+    path = Path(run_dir) / ENV_FILE
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        env = {}
+    env.setdefault("resumed", []).append(
+        {
+            "step": step,
+            "device": device,
+            "command": sys.argv,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": _git_commit(),
+        }
+    )
+    write_json_atomic(path, env)
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl, flushed at once."""
 

@@ -299,11 +299,19 @@ def train(
         run_dir = plan.run_dir
         state = load_checkpoint(run_dir / rundir.CHECKPOINT_FILE, recipe_name)
         load_model_state(model, state, run_dir / rundir.CHECKPOINT_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        progress.update(state["progress"])
-        restore_rng_state(state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            progress.update(state["progress"])
+            restore_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise UserError(
+                f"checkpoint {run_dir / rundir.CHECKPOINT_FILE} cannot be resumed "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        if context.is_main:
+            rundir.note_resumption(run_dir, progress["step"], str(device))
     else:
         run_dir = None
         if context.is_main:

@@ -129,7 +129,8 @@ def test_blockwise_float32_output_within_1e5_and_gradients_as_accurate_as_refere
     exact = values_and_grads(reference_cope_attention, exact_inputs, grad_out)
     reference = values_and_grads(reference_cope_attention, single_inputs, grad_out.float())
     blockwise = values_and_grads(blockwise_cope_attention, single_inputs, grad_out.float())
-    assert (blockwise[0] - reference[0]).abs().max() <= 1e-5
+    assert (blockwise[0].double() - exact[0]).abs().max() <= 1e-5
+    assert (blockwise[0] - reference[0]).abs().max() <= 2e-5  # two float32 roundings apart
     for name, want, ref, got in zip(
         ("out", "dq", "dk", "dv", "dtable"), exact, reference, blockwise, strict=True
     ):
@@ -176,8 +177,8 @@ def test_blockwise_never_allocates_a_time_by_time_tensor(causal):
     with recorder:
         out = blockwise_cope_attention(q, k, v, table)
         out.sum().backward()
-    # A (T, T) matrix has 1M elements; the band and the (B, H, T, D) tensors are far smaller.
-    assert recorder.largest < length * length // 16, recorder.largest
+    # A (T, T) matrix has 1M elements; a band tile is T x block (32) complex values at most.
+    assert recorder.largest <= length * 32 * 2, recorder.largest
     with _AllocationRecorder() as reference_recorder:
         reference_cope_attention(q.detach(), k.detach(), v.detach(), table.detach(), causal=causal)
     assert reference_recorder.largest >= length * length  # the recorder does see (T, T) tensors

@@ -57,6 +57,9 @@ def user_errors(command: Command) -> Command:
             raise fail(str(error)) from None
         except FileNotFoundError as error:
             raise fail(f"file not found: {error.filename or error}") from None
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (data building, eval)
+            error_console.print("[yellow]interrupted[/]", highlight=False)
+            raise typer.Exit(INTERRUPTED_EXIT) from None
         except torch.OutOfMemoryError:
             raise fail(
                 "out of memory; try a smaller train.batch_size (--set train.batch_size=N), "

@@ -30,6 +30,8 @@ every registered encoding; with one token per time step all of them act over tim
 (``rope`` is 1-D over time). With ``model.tokenizer=patches`` each tubelet gives one token per
 patch with (t, h, w) coordinates: ``rope`` becomes axial, and CoPE counts over the flat
 token sequence; ``model.spatial_pe=learned`` adds a learned (h, w) embedding beside it.
+CoPE's cap ``model.npos`` defaults to min(max_len, 64) (its bidirectional table has 2*npos-1
+rows); ``model.max_len`` is raised to the longest token sequence of any split.
 The default is CoPE over time steps with no spatial encoding: the questions do not depend on
 where a shape is, the max over patches already discards the place, and the prototype's patch
 tokens (16 per step) were 2.5x slower and did not learn within 3 CPU-minutes.
@@ -119,7 +121,7 @@ class ShapesSpec:
     min_events: int = 3
     max_events: int = 5
     min_duration: int = 2  # frames a shape stays visible
-    max_duration: int = 6
+    max_duration: int = 4
     min_gap: int = 1  # blank frames between two shapes
     max_gap: int = 3
     max_speed: int = 2  # pixels per frame along each axis
@@ -375,15 +377,15 @@ class MovingShapes(Recipe):
         "data.long_min_events": 7,
         "data.long_max_events": 9,
         "data.min_duration": 2,
-        "data.max_duration": 6,
+        "data.max_duration": 4,
         "data.min_gap": 1,
         "data.max_gap": 3,
         "data.max_speed": 2,
         "data.max_nth": 3,
-        "data.questions": "nth,count",
+        "data.questions": "nth",
         "data.noise": 0.0,
         **VIDEO_MODEL_DEFAULTS,
-        "train.steps": 1000,
+        "train.steps": 1500,
         "train.batch_size": 32,
         "train.lr": 1e-3,
         "train.optimizer": "adamw",

@@ -18,7 +18,7 @@ from recipes.moving_shapes import (
     shape_mask,
 )
 
-SMALL = {"data.train_size": 64, "data.eval_size": 48}
+SMALL = {"data.train_size": 64, "data.eval_size": 48, "data.questions": "nth,count"}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_fast_split_keeps_every_other_frame_and_loses_no_event(bundle) -> None:
         assert len(visible_runs(quick.frames[lead:])) == len(quick.events)
         for before, after in zip(quick.events[:-1], quick.events[1:], strict=True):
             assert after.start - before.end >= 2  # so a dropped frame never joins two shapes
-    assert fast.spec == fast_spec(ShapesSpec())
+    assert fast.spec == fast_spec(bundle.train.spec)
 
 
 def test_long_split_has_more_events_than_training(bundle) -> None:

@@ -257,6 +257,65 @@ def _band_forward(
     return out, lse, carries, full_tiles
 
 
+FAR_ROWS = 512  # query rows per chunk of the portable far-region attention
+
+
+def _use_flash_kernel(q: Tensor) -> bool:
+    """PyTorch's flash kernel that returns the log-sum-exp exists for CPU tensors only."""
+    return q.device.type == "cpu"
+
+
+def _chunked_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Portable causal attention with its log-sum-exp, in row chunks (memory FAR_ROWS x T)."""
+    rows = q.shape[-2]
+    outs, lses = [], []
+    for start in range(0, rows, FAR_ROWS):
+        stop = min(start + FAR_ROWS, rows)
+        scores = q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2) * scale
+        scores = scores + _causal_bias(start, stop, mask, scores)
+        lse = torch.logsumexp(scores, -1)
+        probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+        outs.append(probs @ v[:, :, :stop])
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+def _causal_bias(start: int, stop: int, mask: Tensor | None, like: Tensor) -> Tensor:
+    """Additive bias of rows [start, stop) over keys [0, stop): causal, plus key padding."""
+    rows = torch.arange(start, stop, device=like.device)[:, None]
+    keys = torch.arange(stop, device=like.device)[None, :]
+    bias = torch.zeros(stop - start, stop, dtype=like.dtype, device=like.device)
+    bias = bias.masked_fill(keys > rows, float("-inf"))
+    if mask is not None:
+        bias = bias + mask[..., :stop]
+    return bias
+
+
+def _chunked_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    mask: Tensor | None, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of :func:`_chunked_attention` given the (merged) output and log-sum-exp."""
+    rows = q.shape[-2]
+    grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    for start in range(0, rows, FAR_ROWS):
+        stop = min(start + FAR_ROWS, rows)
+        scores = q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2) * scale
+        scores = scores + _causal_bias(start, stop, mask, scores)
+        probs = torch.exp(scores - lse[:, :, start:stop, None])
+        grad_rows = grad_out[:, :, start:stop]
+        grad_scores = probs * (
+            grad_rows @ v[:, :, :stop].transpose(-1, -2) - delta[:, :, start:stop]
+        )
+        grad_q[:, :, start:stop] = grad_scores @ k[:, :, :stop] * scale
+        grad_k[:, :, :stop] += grad_scores.transpose(-1, -2) @ q[:, :, start:stop] * scale
+        grad_v[:, :, :stop] += probs.transpose(-1, -2) @ grad_rows
+    return grad_q, grad_k, grad_v
+
+
 def _far_mask(key_valid: Tensor | None, keys: int, dtype: torch.dtype) -> Tensor | None:
     """Additive key-padding mask for the flash kernel, (B, 1, 1, keys)."""
     if key_valid is None:
@@ -283,9 +342,12 @@ def _far_forward(
         return None
     keys = length - offset
     mask = _far_mask(key_valid, keys, q.dtype)
-    out, lse = _flash_forward(
-        q[:, :, offset:], k[:, :, :keys], v[:, :, :keys], 0.0, True, attn_mask=mask, scale=scale
-    )
+    if _use_flash_kernel(q):
+        out, lse = _flash_forward(
+            q[:, :, offset:], k[:, :, :keys], v[:, :, :keys], 0.0, True, attn_mask=mask, scale=scale
+        )
+    else:
+        out, lse = _chunked_attention(q[:, :, offset:], k[:, :, :keys], v[:, :, :keys], mask, scale)
     if key_valid is not None:
         # The kernel reports lse 0 for rows with no visible key; they have none (-inf).
         seen = key_valid[:, :keys].cumsum(-1)[:, None, :] > 0
@@ -314,10 +376,17 @@ def _far_backward(
     # The kernel's probabilities exp(s - lse') must be exp(s + bias - LSE): lse' = LSE - bias.
     kernel_lse = (lse[:, :, rows] - bias).contiguous()
     grad_rows = grad_out[:, :, rows].contiguous()
-    dq, dk, dv = _flash_backward(
-        grad_rows, q[:, :, rows], k[:, :, :keys], v[:, :, :keys], out[:, :, rows].contiguous(),
-        kernel_lse, 0.0, True, attn_mask=_far_mask(key_valid, keys, q.dtype), scale=scale,
-    )  # fmt: skip
+    mask = _far_mask(key_valid, keys, q.dtype)
+    far_inputs = (grad_rows, q[:, :, rows], k[:, :, :keys], v[:, :, :keys])
+    if _use_flash_kernel(q):
+        dq, dk, dv = _flash_backward(
+            *far_inputs, out[:, :, rows].contiguous(), kernel_lse, 0.0, True,
+            attn_mask=mask, scale=scale,
+        )  # fmt: skip
+    else:
+        dq, dk, dv = _chunked_attention_backward(
+            *far_inputs, out[:, :, rows], kernel_lse, mask, scale
+        )
     # dL/dbias_i = sum_far P_ij (dP_ij - Delta_i) = mass_i (dO_i . o_far_i - Delta_i).
     mass = torch.exp(far_lse - lse[:, :, rows])
     dbias = mass * ((grad_rows * far_out).sum(-1) - delta[:, :, rows])

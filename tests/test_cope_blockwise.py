@@ -198,3 +198,17 @@ def test_auto_picks_blockwise_for_long_cpu_sequences_and_reference_for_tiny_ones
     assert select_impl(tiny_q, "blockwise") == "blockwise"
     with pytest.raises(ValueError, match="reference"):
         select_impl(tiny_q, "fast")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blockwise_portable_far_region_matches_reference(causal, monkeypatch):
+    # Off CPU there is no flash kernel returning the log-sum-exp: the far region then runs as
+    # chunked plain attention. Force that path on CPU, with chunks smaller than the sequence.
+    import encoders.cope_blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "_use_flash_kernel", lambda q: False)
+    monkeypatch.setattr(blockwise, "FAR_ROWS", 16)
+    inputs = make_inputs(length=70, npos=3, causal=causal)
+    mask = torch.zeros(2, 70, dtype=torch.bool)
+    mask[0, 60:] = True
+    assert_matches_reference(inputs, causal=causal, key_padding_mask=mask, block=8)

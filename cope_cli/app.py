@@ -447,17 +447,9 @@ def sweep_command(
     from recipes.engine.trainer import TrainOptions
 
     options = TrainOptions(resume=not force, on_finished="new" if force else "reuse")
-    if device is not None:
-        raise_unless_device(device)
-    result = sweep(file, options=options, observer=RichObserver(), out=out)
+    overrides = {"train.device": device} if device is not None else None
+    result = sweep(file, options=options, observer=RichObserver(), out=out, overrides=overrides)
     _finish_grid(result)
-
-
-def raise_unless_device(device: str) -> None:
-    """`--device` on sweep: only checked here, the file's runs use their own train.device."""
-    from recipes.engine.trainer import resolve_device
-
-    resolve_device(device)
 
 
 @app.command("report")

@@ -121,7 +121,9 @@ def compare(
     return run_grid(jobs, options=options, observer=observer, output_dir=output_dir, pe_order=pes)
 
 
-def load_sweep(path: Path) -> tuple[list[Job], dict[str, Any]]:
+def load_sweep(
+    path: Path, overrides: Mapping[str, Any] | None = None
+) -> tuple[list[Job], dict[str, Any]]:
     """Parse a sweep file into jobs; returns the jobs and the file's settings (``out``).
 
     Format::
@@ -171,7 +173,7 @@ def load_sweep(path: Path) -> tuple[list[Job], dict[str, Any]]:
                         recipe,
                         preset=table.get("preset"),
                         file_options={**common, **flatten_options(variant)},
-                        cli_options={"model.pe": pe, "train.seed": seed},
+                        cli_options={**(overrides or {}), "model.pe": pe, "train.seed": seed},
                     )
                     jobs.append(Job(recipe_name, config, preset_name, name))
     return jobs, {"out": table.get("out"), "pes": pes}
@@ -183,9 +185,10 @@ def sweep(
     options: TrainOptions | None = None,
     observer: TrainObserver | None = None,
     out: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> GridResult:
-    """Run every job of a sweep file and write one report for all of them."""
-    jobs, settings = load_sweep(path)
+    """Run every job of a sweep file (``overrides``: e.g. train.device) and write one report."""
+    jobs, settings = load_sweep(path, overrides)
     options = options or TrainOptions(on_finished="reuse", resume=True)
     root = Path(out or settings["out"] or options.out)
     options = TrainOptions(**{**options.__dict__, "out": root})

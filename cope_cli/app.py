@@ -398,6 +398,7 @@ def compare_command(
         download=download,
         resume=not force,
         on_finished="new" if force else "reuse",
+        explain_fresh=False,
     )
     result = compare(
         recipe_name,
@@ -446,7 +447,9 @@ def sweep_command(
     from recipes.engine.compare import sweep
     from recipes.engine.trainer import TrainOptions
 
-    options = TrainOptions(resume=not force, on_finished="new" if force else "reuse")
+    options = TrainOptions(
+        resume=not force, on_finished="new" if force else "reuse", explain_fresh=False
+    )
     overrides = {"train.device": device} if device is not None else None
     result = sweep(file, options=options, observer=RichObserver(), out=out, overrides=overrides)
     _finish_grid(result)

@@ -102,7 +102,7 @@ def compare(
     observer: TrainObserver | None = None,
 ) -> GridResult:
     """Train every encoding x seed under the same budget and compare them on every split."""
-    options = options or TrainOptions(on_finished="reuse", resume=True)
+    options = options or TrainOptions(on_finished="reuse", resume=True, explain_fresh=False)
     observer = observer or TrainObserver()
     recipe = get_recipe(recipe_name)
     preset_name, _ = preset_options(recipe, preset)
@@ -189,7 +189,7 @@ def sweep(
 ) -> GridResult:
     """Run every job of a sweep file (``overrides``: e.g. train.device) and write one report."""
     jobs, settings = load_sweep(path, overrides)
-    options = options or TrainOptions(on_finished="reuse", resume=True)
+    options = options or TrainOptions(on_finished="reuse", resume=True, explain_fresh=False)
     root = Path(out or settings["out"] or options.out)
     options = TrainOptions(**{**options.__dict__, "out": root})
     output_dir = make_output_dir(root, "sweep")

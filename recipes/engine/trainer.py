@@ -90,6 +90,7 @@ class TrainOptions:
     preset: str | None = None  # recorded in config.json
     stop_after: int | None = None  # stop after this many steps, as if killed (tests, budgets)
     handle_sigint: bool = True
+    explain_fresh: bool = True  # say so when --resume finds nothing (grids stay quiet)
 
 
 @dataclass
@@ -189,7 +190,9 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
             return _Plan(newest, reuse=True, note=f"reusing finished run {newest}")
     if options.resume and not matching:
         note = "no run with this configuration to resume; starting a new one"
-        if runs:
+        if not runs and not options.explain_fresh:
+            note = None
+        elif runs:
             differences = config_differences(rundir.read_config(runs[-1])[1], config)
             note = (
                 f"no run with this configuration to resume ({runs[-1]} differs in "

@@ -1,0 +1,212 @@
+"""`cope bench`: time and peak memory of the attention paths, and training throughput per encoding.
+
+The commands only parse options, call :mod:`recipes.engine.bench` and render its results.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recipes.base import UserError
+
+bench_app = typer.Typer(
+    help="Benchmark CoPE: attention paths (time, peak memory) and training throughput.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    """One red error line and exit code 2 (the CLI's convention for user errors)."""
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """'256,1024' -> [256, 1024]; a user error for anything else."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise _fail(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or any(value < 1 for value in values):
+        raise _fail(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def attention_table(document: dict[str, Any]) -> Table:
+    """Rich table of an attention benchmark document (see recipes.engine.bench.results_json)."""
+    setting = document["setting"]
+    title = (
+        f"CoPE attention, forward+backward: B={setting['batch']} H={setting['heads']} "
+        f"D={setting['dim']} npos={setting['npos']} "
+        f"{'causal' if setting['causal'] else 'bidirectional'} {setting['dtype']} "
+        f"on {setting['device']}"
+    )
+    table = Table(title=title)
+    for column in ("T", "path", "time ms", "x SDPA", "peak MiB", "x SDPA"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for case in document["cases"]:
+        ratios = case.get("ratios_to_sdpa") or {}
+        if case["skipped"]:
+            table.add_row(str(case["length"]), case["name"], case["skipped"], "", "", "")
+            continue
+        table.add_row(
+            str(case["length"]),
+            case["name"],
+            _fmt(case["time_ms"]),
+            _ratio(ratios.get("time")),
+            _fmt(case["peak_mib"]),
+            _ratio(ratios.get("memory")),
+        )
+    return table
+
+
+def train_table(document: dict[str, Any]) -> Table:
+    """Rich table of a training benchmark document."""
+    setting = document["setting"]
+    baseline = document["baseline"]
+    title = (
+        f"Training throughput: {setting['recipe']} (preset {setting['preset'] or 'default'}), "
+        f"{setting['steps']} steps after {setting['warmup']} warm-up, on {setting['device']}"
+    )
+    table = Table(title=title)
+    for column in ("pe", "examples/s", f"x {baseline}", "step ms", "peak MiB", f"x {baseline}"):
+        table.add_column(column, justify="left" if column == "pe" else "right")
+    for case in document["cases"]:
+        ratios = case.get(f"ratios_to_{baseline}") or {}
+        if case["skipped"]:
+            table.add_row(case["name"], case["skipped"], "", "", "", "")
+            continue
+        table.add_row(
+            case["name"],
+            _fmt(case["examples_per_s"]),
+            _ratio(ratios.get("throughput")),
+            _fmt(case["time_ms"]),
+            _fmt(case["peak_mib"]),
+            _ratio(ratios.get("memory")),
+        )
+    return table
+
+
+@bench_app.command("attention")
+def attention(
+    seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "256,1024,4096",
+    impl: Annotated[
+        str,
+        typer.Option(help="Paths, comma-separated: sdpa, reference, blockwise, triton."),
+    ] = "sdpa,reference,blockwise,triton",
+    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
+    heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
+    dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
+    npos: Annotated[int, typer.Option(help="CoPE position cap.")] = 64,
+    causal: Annotated[bool, typer.Option("--causal/--bidirectional")] = True,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    repeats: Annotated[int, typer.Option(help="Timed runs per case (median).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per case first.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Forward+backward time and peak memory of each attention path at each length."""
+    from recipes.engine.bench import AttentionSetting, bench_attention, environment, results_json
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if min(batch, heads, dim, npos, repeats) < 1 or warmup < 0:
+        raise _fail("--batch, --heads, --dim, --npos and --repeats must be positive")
+    lengths = _int_list(seq, "--seq")
+    setting = AttentionSetting(
+        batch=batch, heads=heads, dim=dim, npos=npos, causal=causal, dtype=dtype,
+        device=device, repeats=repeats, warmup=warmup, threads=threads,
+    )  # fmt: skip
+
+    def progress(case: Any) -> None:
+        if not as_json:
+            state = case.skipped or f"{case.time_ms:.1f} ms, {case.peak_mib:.1f} MiB"
+            error_console.print(f"  T={case.length} {case.name}: {state}", highlight=False)
+
+    try:
+        results = bench_attention(lengths, _names(impl), setting, on_case=progress)
+    except UserError as error:
+        raise _fail(str(error)) from None
+    from dataclasses import asdict
+
+    document = results_json(
+        results, "sdpa", {"setting": asdict(setting), "environment": environment()}
+    )
+    if as_json:
+        print(json.dumps(document, indent=2))
+    else:
+        console.print(attention_table(document))
+
+
+@bench_app.command("train")
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `cope recipes`).")],
+    pe: Annotated[str, typer.Option(help="Position encodings, comma-separated.")] = "abs,cope",
+    preset: Annotated[str | None, typer.Option(help="Recipe preset (default: the recipe's).")] = (
+        None
+    ),
+    steps: Annotated[int, typer.Option(help="Timed training steps per encoding.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
+    batch_size: Annotated[int | None, typer.Option(help="Override train.batch_size.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    set_options: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value config overrides.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Training throughput (examples/s) and peak memory of the whole model per encoding."""
+    from dataclasses import asdict
+
+    from recipes.engine.bench import TrainSetting, bench_train, environment, results_json
+    from recipes.engine.config import parse_set_option
+
+    if steps < 1 or warmup < 0:
+        raise _fail("--steps must be positive and --warmup not negative")
+    pes = _names(pe)
+    if not pes:
+        raise _fail("--pe needs at least one position encoding")
+    try:
+        overrides = dict(parse_set_option(item) for item in set_options or [])
+        setting = TrainSetting(
+            recipe=recipe, preset=preset, steps=steps, warmup=warmup, batch_size=batch_size,
+            device=device, threads=threads, set_options=overrides,
+        )  # fmt: skip
+
+        def progress(case: Any) -> None:
+            if not as_json:
+                state = case.skipped or f"{case.examples_per_s:.1f} examples/s"
+                error_console.print(f"  {case.name}: {state}", highlight=False)
+
+        results = bench_train(pes, setting, on_case=progress)
+    except UserError as error:
+        raise _fail(str(error)) from None
+    baseline = "abs" if "abs" in pes else pes[0]
+    document = results_json(
+        results, baseline, {"setting": asdict(setting), "environment": environment()}
+    )
+    if as_json:
+        print(json.dumps(document, indent=2))
+    else:
+        console.print(train_table(document))

@@ -82,6 +82,17 @@ def _draw_signal(axes: Any, signal: dict[str, Any], tokens: int, offset: float) 
     axes.set_title(f"example signal ({kind})", fontsize=8)
 
 
+def _label_tokens(axes: Any, labels: list[str], offset: float, tokens: int) -> None:
+    """Token labels on both axes of a heatmap (every k-th one when there are many)."""
+    step = max(1, -(-len(labels) // 24))
+    ticks = [offset + index for index in range(0, len(labels), step)]
+    shown = labels[::step]
+    axes.set_xticks(ticks)
+    axes.set_xticklabels(shown, fontsize=5, rotation=90)
+    axes.set_yticks(ticks)
+    axes.set_yticklabels(shown, fontsize=5)
+
+
 def plot_layer(
     layer: dict[str, Any],
     index: int,
@@ -94,6 +105,7 @@ def plot_layer(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
 
     attention = layer["attention"][0]  # (heads, queries, keys)
     positions = layer.get("positions")
@@ -101,19 +113,20 @@ def plot_layer(
     heads = min(attention.shape[0], max_heads)
     tokens = attention.shape[-1]
     offset = _token_offset(tokens, signal)
-    rows = (1 if signal else 0) + (1 if positions is not None else 0) + 1
-    ratios = ([0.5] if signal else []) + [1] * (rows - (1 if signal else 0))
+    # Token labels go on the heatmaps' axes; spectrograms and frames get a row of their own.
+    labels = list(signal.get("labels", [])) if signal and signal.get("kind") == "tokens" else []
+    signal_row = bool(signal) and not labels
+    rows = (1 if signal_row else 0) + (1 if positions is not None else 0) + 1
+    ratios = ([0.5] if signal_row else []) + [1] * (rows - (1 if signal_row else 0))
     figure, grid = plt.subplots(
         rows,
         heads,
-        figsize=(2.6 * heads + 0.6, 2.5 * rows),
+        figsize=(2.8 * heads + 0.6, 2.6 * rows),
         squeeze=False,
         gridspec_kw={"height_ratios": ratios},
     )
     row = 0
-    if signal:
-        from matplotlib.cm import ScalarMappable
-
+    if signal_row:
         for column in range(heads):
             _draw_signal(grid[0][column], signal, tokens, offset)
             # an invisible colorbar gives the signal the heatmaps' width, so columns line up
@@ -127,16 +140,26 @@ def plot_layer(
     for name, values, colormap in maps:
         for head in range(heads):
             axes = grid[row][head]
-            image = axes.imshow(values[head].numpy(), cmap=colormap, aspect="auto")
+            data = values[head]
+            # Attention of the first causal query is 1 and would wash out the scale: clip at
+            # the 99th percentile of the map.
+            vmax = (
+                float(torch.quantile(data.flatten()[:1_000_000], 0.99))
+                if name == "attention"
+                else None
+            )
+            image = axes.imshow(data.numpy(), cmap=colormap, aspect="auto", vmax=vmax)
             for onset in onsets:
                 axes.axvline(onset, color="red", linewidth=0.5, alpha=0.7)
             axes.set_title(f"layer {index} head {head}: {name}", fontsize=8)
             axes.set_xlabel("key j", fontsize=7)
             axes.set_ylabel("query i", fontsize=7)
+            if labels:
+                _label_tokens(axes, labels, offset, tokens)
             figure.colorbar(image, ax=axes, fraction=0.046, pad=0.02)
         row += 1
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 

@@ -287,6 +287,54 @@ def train_command(
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
 
 
+@app.command("config")
+@user_errors
+def config_command(
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
+    ] = None,
+    pe: Annotated[str | None, typer.Option(help="Position encoding.")] = None,
+    seed: SeedOption = None,
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    preset: PresetOption = None,
+    device: DeviceOption = None,
+    set_: SetOption = None,
+    recipe_file: RecipeFileOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """Show the config `cope train` would resolve, and which layer set each value.
+
+    Takes the same options as `cope train`; trains nothing.
+
+    Example: cope config counting --preset paper --set train.lr=1e-4
+    """
+    from rich.table import Table
+
+    from recipes.base import get_recipe
+    from recipes.engine.config import resolve_config
+
+    recipe_name, preset_name, layers = _resolve(
+        recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
+        epochs=epochs, device=device, sets=set_,
+    )  # fmt: skip
+    sources: dict[str, str] = {}
+    config = resolve_config(get_recipe(recipe_name), preset=preset_name, sources=sources, **layers)
+    if json_output:
+        print(
+            json.dumps({"recipe": recipe_name, "preset": preset_name, "config": config}, indent=2)
+        )
+        return
+    table = Table(title=f"{recipe_name} (preset: {preset_name or 'none'})")
+    for column in ("key", "value", "set by"):
+        table.add_column(column)
+    for key in sorted(config):
+        table.add_row(key, repr(config[key]), sources.get(key, ""))
+    console.print(table)
+
+
 def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
     from recipes.base import RECIPES, UserError, list_recipes
     from recipes.engine.runs import newest_run

@@ -18,7 +18,9 @@ from cope_cli.app import app
 from recipes.engine import rundir
 
 runner = CliRunner()
-COMMANDS = ["recipes", "train", "eval", "compare", "sweep", "report", "positions", "data"]
+COMMANDS = [
+    "recipes", "config", "train", "eval", "compare", "sweep", "report", "positions", "data"
+]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +115,19 @@ def test_recipe_file_and_set_override_in_order(tmp_path: Path) -> None:
     assert config["train.lr"] == 0.02  # the file beats the preset
     assert config["model.dim"] == 12  # the file beats the preset (32)
     assert json.loads((run / "config.json").read_text())["preset"] == "wide"
+
+
+def test_config_shows_each_value_and_the_layer_that_set_it() -> None:
+    result = cope(
+        "config", "tiny-majority", "--preset", "wide", "--steps", "7", "--set", "train.lr=0.5"
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "preset wide" in rows["model.dim"] and "32" in rows["model.dim"]
+    assert "option" in rows["train.steps"] and "--set" in rows["train.lr"]
+    assert "recipe" in rows["data.train_size"] and "engine" in rows["train.optimizer"]
+    data = json.loads(cope("config", "tiny-majority", "--json").output)
+    assert data["config"]["train.steps"] == 30
 
 
 @pytest.mark.parametrize(

@@ -213,12 +213,19 @@ def _unknown_key_error(key: str, valid: list[str], source: str) -> UserError:
     )
 
 
-def apply_layer(config: Config, options: Mapping[str, Any], source: str) -> None:
+def apply_layer(
+    config: Config,
+    options: Mapping[str, Any],
+    source: str,
+    sources: dict[str, str] | None = None,
+) -> None:
     """Apply one layer of options to ``config`` in place, type-checked against it."""
     for key, value in options.items():
         if key not in config:
             raise _unknown_key_error(key, list(config), source)
         config[key] = coerce_value(key, value, config[key], source)
+        if sources is not None:
+            sources[key] = source
 
 
 def preset_options(recipe: Recipe, preset: str | None) -> tuple[str | None, Config]:
@@ -279,17 +286,26 @@ def resolve_config(
     file_options: Mapping[str, Any] | None = None,
     cli_options: Mapping[str, Any] | None = None,
     set_options: Mapping[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> Config:
-    """The resolved config of one run, layer by layer, checked and validated."""
+    """The resolved config of one run, layer by layer, checked and validated.
+
+    ``sources``, when given, is filled with the layer each key's value came from.
+    """
     config = base_defaults()
+    if sources is not None:
+        sources.update(dict.fromkeys(config, "engine"))
     for key, value in recipe.defaults.items():
         # A recipe may add keys of its own and change engine defaults (types must still fit).
         config[key] = coerce_value(key, value, config[key], "recipe") if key in config else value
-    _, preset_layer = preset_options(recipe, preset)
-    apply_layer(config, preset_layer, f"preset of {recipe.name}")
-    apply_layer(config, file_options or {}, "recipe file")
-    apply_layer(config, {k: v for k, v in (cli_options or {}).items() if v is not None}, "option")
-    apply_layer(config, set_options or {}, "--set")
+        if sources is not None:
+            sources[key] = "recipe"
+    preset_name, preset_layer = preset_options(recipe, preset)
+    apply_layer(config, preset_layer, f"preset {preset_name}", sources)
+    apply_layer(config, file_options or {}, "recipe file", sources)
+    cli_layer = {key: value for key, value in (cli_options or {}).items() if value is not None}
+    apply_layer(config, cli_layer, "option", sources)
+    apply_layer(config, set_options or {}, "--set", sources)
     validate_config(config)
     return config
 

@@ -252,7 +252,7 @@ def train_command(
     Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
     """
     from recipes.base import get_recipe
-    from recipes.engine.config import resolve_config
+    from recipes.engine.config import preset_options, resolve_config
     from recipes.engine.trainer import TrainOptions, train
 
     recipe_name, preset_name, layers = _resolve(
@@ -261,6 +261,7 @@ def train_command(
     )  # fmt: skip
     recipe_obj = get_recipe(recipe_name)
     config = resolve_config(recipe_obj, preset=preset_name, **layers)
+    preset_name = preset_options(recipe_obj, preset_name)[0]  # the recipe's default, if none
     options = TrainOptions(
         out=out,
         data_dir=data_dir,
@@ -314,14 +315,16 @@ def config_command(
     from rich.table import Table
 
     from recipes.base import get_recipe
-    from recipes.engine.config import resolve_config
+    from recipes.engine.config import preset_options, resolve_config
 
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
         epochs=epochs, device=device, sets=set_,
     )  # fmt: skip
     sources: dict[str, str] = {}
-    config = resolve_config(get_recipe(recipe_name), preset=preset_name, sources=sources, **layers)
+    recipe_obj = get_recipe(recipe_name)
+    config = resolve_config(recipe_obj, preset=preset_name, sources=sources, **layers)
+    preset_name = preset_options(recipe_obj, preset_name)[0]
     if json_output:
         print(
             json.dumps({"recipe": recipe_name, "preset": preset_name, "config": config}, indent=2)

@@ -154,3 +154,20 @@ class RangeServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """Write a fixture tree from the shell: ``python tests/audio_fixtures.py DIR [TRAIN VAL TEST]``.
+
+    Used for the README's CPU smoke run of speech-commands on generated "words".
+    """
+    import sys
+
+    target = Path(sys.argv[1])
+    counts = tuple(int(value) for value in sys.argv[2:5]) or (6, 2, 2)
+    tree = speech_commands_tree(target / "speech_commands_v0.02", per_word=counts)  # type: ignore[arg-type]
+    print(f"wrote {sum(map(len, tree.files.values()))} clips under {tree.root}")
+
+
+if __name__ == "__main__":
+    main()

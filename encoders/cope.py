@@ -185,10 +185,13 @@ def reference_cope_attention(
     return out
 
 
-# Shortest sequence for which the blockwise path beats the reference (forward + backward, CPU,
-# measured with `cope bench attention`: equal at T=128, 1.8x faster at 256); on CUDA without
-# Triton the reference's fused kernels win until its (B, H, T, T) tensors get large.
-BLOCKWISE_MIN_LENGTH_CPU = 128
+# When the blockwise path beats the reference (forward + backward, CPU, measured on 2 CPUs):
+# from T=64 once the batch holds enough (query, key) pairs for its per-tile overhead to pay
+# off, e.g. B*H=128 at T=64 (1.1x faster), B*H=8 at T=256 (1.2x), B*H=4 at T=512 (2x).
+BLOCKWISE_MIN_LENGTH_CPU = 64
+BLOCKWISE_MIN_PAIRS_CPU = 1 << 19
+# On CUDA without Triton the reference's fused kernels win until its (B, H, T, T) tensors
+# get large.
 BLOCKWISE_MIN_LENGTH_GPU = 2048
 
 
@@ -209,7 +212,10 @@ def select_impl(q: Tensor, impl: str) -> str:
         if triton_available():
             return "triton"
         return "blockwise" if length >= BLOCKWISE_MIN_LENGTH_GPU else "reference"
-    return "blockwise" if length >= BLOCKWISE_MIN_LENGTH_CPU else "reference"
+    pairs = q[..., 0].numel() * length  # B * H * T * T
+    if length >= BLOCKWISE_MIN_LENGTH_CPU and pairs >= BLOCKWISE_MIN_PAIRS_CPU:
+        return "blockwise"
+    return "reference"
 
 
 def cope_attention(

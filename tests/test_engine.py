@@ -296,6 +296,8 @@ def test_summary_gives_sample_std_and_t_interval() -> None:
     assert summary["ci_low"] == pytest.approx(2.0 - half)
     assert summary["ci_high"] == pytest.approx(2.0 + half)
     assert math.isnan(summarise([0.5])["std"])
+    clipped = summarise([0.9, 1.0, 1.0], bounds=(0.0, 1.0))
+    assert clipped["ci_high"] == 1.0 and clipped["ci_low"] < clipped["mean"]
 
 
 def test_report_groups_runs_that_differ_beyond_encoding_and_seed(tmp_path: Path) -> None:

@@ -41,8 +41,13 @@ def t_quantile_975(degrees_of_freedom: int) -> float:
     return 1.960 if degrees_of_freedom > 120 else 2.0 - (degrees_of_freedom - 30) * 0.04 / 90
 
 
-def summarise(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation and 95% t-interval of per-seed values."""
+def summarise(
+    values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> dict[str, Any]:
+    """Mean, sample standard deviation and 95% t-interval of per-seed values.
+
+    The interval is clipped to ``bounds`` (an accuracy interval beyond 1 says nothing more).
+    """
     count = len(values)
     mean = sum(values) / count if count else math.nan
     std = (
@@ -55,8 +60,8 @@ def summarise(values: list[float]) -> dict[str, Any]:
         "n": count,
         "mean": mean,
         "std": std,
-        "ci_low": mean - half,
-        "ci_high": mean + half,
+        "ci_low": max(bounds[0], mean - half) if count > 1 else math.nan,
+        "ci_high": min(bounds[1], mean + half) if count > 1 else math.nan,
         "values": values,
     }
 
@@ -175,7 +180,9 @@ def aggregate(group: Group, pe_order: list[str] | None = None) -> dict[str, Any]
             runs["runs"].append(str(record.run_dir))
     for entry in splits.values():
         for runs in entry["by_pe"].values():
-            runs.update({k: v for k, v in summarise(runs["values"]).items() if k != "values"})
+            bounds = (0.0, 100.0) if group.metric == "error" else (0.0, 1.0)
+            summary = summarise(runs["values"], bounds)
+            runs.update({k: v for k, v in summary.items() if k != "values"})
         entry["by_pe"] = {pe: entry["by_pe"][pe] for pe in pes if pe in entry["by_pe"]}
     ordered = sorted(splits, key=lambda name: (splits[name]["ood"], _split_rank(name)))
     return {
@@ -224,14 +231,19 @@ def plot_split(result: dict[str, Any], split: str, path: Path) -> Path:
     entry = result["splits"][split]
     pes = list(entry["by_pe"])
     means = [entry["by_pe"][pe]["mean"] for pe in pes]
+    # asymmetric error bars: the interval may be clipped at the metric's range
     errors = [
-        0.0
+        [0.0, 0.0]
         if entry["by_pe"][pe]["n"] < 2
-        else entry["by_pe"][pe]["mean"] - entry["by_pe"][pe]["ci_low"]
+        else [
+            entry["by_pe"][pe]["mean"] - entry["by_pe"][pe]["ci_low"],
+            entry["by_pe"][pe]["ci_high"] - entry["by_pe"][pe]["mean"],
+        ]
         for pe in pes
     ]
     figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(pes), 3.2))
-    axes.bar(pes, means, yerr=errors, capsize=4, color="#4C72B0")
+    yerr = [[low for low, _ in errors], [high for _, high in errors]]
+    axes.bar(pes, means, yerr=yerr, capsize=4, color="#4C72B0")
     for index, pe in enumerate(pes):  # the seeds themselves, so a reader sees the spread
         values = entry["by_pe"][pe]["values"] if "values" in entry["by_pe"][pe] else []
         axes.scatter([index] * len(values), values, color="black", s=8, zorder=3)
@@ -285,7 +297,8 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
     """One markdown table per group: rows = encodings, columns = splits (OOD marked)."""
     lines = ["# cope results", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     lines.append(
-        "Cells: mean ± sample std over seeds [95% t-interval]. OOD = out-of-distribution split."
+        "Cells: mean ± sample std over seeds [95% t-interval, clipped to the metric's range]. "
+        "OOD = out-of-distribution split."
     )
     for result in results:
         splits = result["splits"]

@@ -143,6 +143,7 @@ def test_config_shows_each_value_and_the_layer_that_set_it() -> None:
         (["train", "tiny-majority", "--set", "data.min_len=20"], "min_len"),
         (["train"], "name a recipe"),
         (["compare", "tiny-majority", "--pe", "abs,copee"], "unknown position encoding"),
+        (["compare", "tiny-majority", "--set", "model.pe=abs"], "use --pe instead"),
         (["eval", "nothing-here"], "neither a run directory nor a recipe"),
         (["eval", "tiny-majority", "--pe", "alibi"], "no finished run"),
         (["report", "missing-dir"], "runs directory not found"),

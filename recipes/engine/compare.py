@@ -106,6 +106,9 @@ def compare(
     observer = observer or TrainObserver()
     recipe = get_recipe(recipe_name)
     preset_name, _ = preset_options(recipe, preset)
+    for key, flag in (("model.pe", "--pe"), ("train.seed", "--seed/--seeds")):
+        if key in (set_options or {}):
+            raise UserError(f"compare sets {key} itself; use {flag} instead of --set {key}=...")
     jobs = []
     for pe in pes:  # resolve (and so validate) every config before training anything
         for seed in seeds:

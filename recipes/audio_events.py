@@ -444,6 +444,6 @@ class AudioEvents(Recipe):
             "kind": "spectrogram",
             "image": image,
             "tokens_per_frame": 1.0 / STACK,
-            # frontend token index: the question token is 0, audio tokens start at 1
-            "onsets": [1 + int(onset) // STACK for onset in onsets],
+            # index among the audio tokens (the heatmap adds the CLS and question tokens' offset)
+            "onsets": [int(onset) // STACK for onset in onsets],
         }

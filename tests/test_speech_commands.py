@@ -129,7 +129,7 @@ def test_noise_mixed_in_mel_power_matches_mixing_waveforms() -> None:
         assert float((mixed - direct).abs().median()) < 2.0
 
 
-def test_feature_cache_is_reused_and_invalidated_by_settings(tree, monkeypatch) -> None:
+def test_feature_cache_is_reused_and_invalidated_by_settings(tree, bundles, monkeypatch) -> None:
     data_dir, written = tree
     cache_dir = written.root / ".cache"
     before = set(cache_dir.glob("features-*.pt"))

@@ -52,6 +52,8 @@ class PositionSpec:
 class PositionEncoding(nn.Module):
     """Base class: one attention layer's position encoding; by itself it does nothing (NoPE)."""
 
+    name: str = ""  # set by the registry decorator
+    acts_on: str = "nothing"  # where it acts, for listings: input, q/k, scores, kernel
     replaces_kernel: bool = False
 
     def __init__(self, spec: PositionSpec) -> None:
@@ -116,6 +118,17 @@ def get_position_encoding(name: str) -> type[PositionEncoding]:
             f"{', '.join(list_position_encodings())}"
         )
     return POSITION_ENCODINGS[name]
+
+
+def describe_position_encodings(pattern: str = "*") -> dict[str, tuple[str, str]]:
+    """Name -> (where it acts, one-line summary) of the matching encodings, for listings."""
+    return {
+        name: (
+            POSITION_ENCODINGS[name].acts_on,
+            (POSITION_ENCODINGS[name].__doc__ or "").strip().splitlines()[0],
+        )
+        for name in list_position_encodings(pattern)
+    }
 
 
 def flat_positions(coords: Tensor) -> Tensor:
@@ -218,6 +231,8 @@ class NoPositions(PositionEncoding):
 class AbsolutePositions(PositionEncoding):
     """Learned absolute positions added to the input (one table for the model)."""
 
+    acts_on = "input"
+
     @classmethod
     def input_encoding(cls, spec: PositionSpec) -> nn.Module:
         return LearnedAbsolute(spec.max_len, spec.dim)
@@ -227,6 +242,8 @@ class AbsolutePositions(PositionEncoding):
 class SinusoidalPositions(PositionEncoding):
     """Fixed sinusoidal positions added to the input."""
 
+    acts_on = "input"
+
     @classmethod
     def input_encoding(cls, spec: PositionSpec) -> nn.Module:
         return Sinusoidal(spec.dim)
@@ -235,6 +252,8 @@ class SinusoidalPositions(PositionEncoding):
 @register_position_encoding("rope")
 class RotaryPositions(PositionEncoding):
     """RoPE on queries and keys; axial (head dim split across axes) for multi-axis coords."""
+
+    acts_on = "q/k"
 
     def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
         return apply_rope(q, coords), apply_rope(k, coords)
@@ -259,6 +278,8 @@ def alibi_slopes(heads: int) -> Tensor:
 @register_position_encoding("alibi")
 class AlibiPositions(PositionEncoding):
     """ALiBi: a per-head linear penalty on distance (symmetric |i-j| when bidirectional)."""
+
+    acts_on = "scores"
 
     def __init__(self, spec: PositionSpec) -> None:
         super().__init__(spec)
@@ -296,6 +317,7 @@ def t5_relative_buckets(
 class T5RelativePositions(PositionEncoding):
     """T5 bucketed relative bias: a learned scalar per (bucket, head), one table per layer."""
 
+    acts_on = "scores"
     num_buckets = 32
     max_distance = 128
 
@@ -325,6 +347,7 @@ class ContextualPositions(PositionEncoding):
     causal and 2*npos-1 signed rows when bidirectional (see :mod:`encoders.cope`).
     """
 
+    acts_on = "kernel"
     replaces_kernel = True
 
     def __init__(self, spec: PositionSpec) -> None:
@@ -365,6 +388,8 @@ class ContextualPositions(PositionEncoding):
 @register_position_encoding("cope+rope")
 class ContextualRotaryPositions(ContextualPositions):
     """RoPE-rotated queries and keys, then CoPE on the rotated pair."""
+
+    acts_on = "q/k + kernel"
 
     def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
         return apply_rope(q, coords), apply_rope(k, coords)

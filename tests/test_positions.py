@@ -11,6 +11,7 @@ from encoders.positions import (
     PositionSpec,
     alibi_slopes,
     apply_rope,
+    describe_position_encodings,
     get_position_encoding,
     list_position_encodings,
     register_position_encoding,
@@ -153,3 +154,19 @@ def test_a_new_encoding_is_one_class_and_one_registry_line():
         assert encoder(torch.randn(2, 5, 16)).shape == (2, 5, 16)
     finally:
         del POSITION_ENCODINGS["test-halve-scores"]
+
+
+@pytest.mark.parametrize("pe", ALL_ENCODINGS)
+def test_each_encoding_acts_where_its_description_says(pe):
+    acts_on, summary = describe_position_encodings()[pe]
+    assert summary
+    spec = PositionSpec(dim=16, heads=2, causal=True, max_len=8, npos=8)
+    cls = get_position_encoding(pe)
+    layer = cls(spec)
+    q = torch.randn(1, 2, 5, 8)
+    coords = torch.arange(5)[:, None]
+    rotated, _ = layer.rotate(q, q, coords)
+    assert (cls.input_encoding(spec) is not None) == (acts_on == "input")
+    assert (not torch.equal(rotated, q)) == acts_on.startswith("q/k")
+    assert (layer.score_bias(coords) is not None) == (acts_on == "scores")
+    assert layer.replaces_kernel == acts_on.endswith("kernel")

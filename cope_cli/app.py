@@ -240,6 +240,14 @@ def train_command(
         ),
     ] = False,
     force: ForceOption = False,
+    stop_after: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop (checkpointed, unfinished) after N steps of this session; "
+            "continue later with --resume.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Train one model and evaluate it on every split with its best checkpoint.
 
@@ -269,6 +277,7 @@ def train_command(
         resume=resume,
         on_finished="new" if force else "error",
         preset=preset_name,
+        stop_after=stop_after,
     )
     result = train(recipe_name, config, options, RichObserver())
     if not result.is_main:

@@ -67,6 +67,15 @@ def broadcast(value: Any, context: DistContext) -> Any:
     return holder[0]
 
 
+def gather_to_main(value: Any, context: DistContext) -> list[Any] | None:
+    """Every rank's ``value`` as a list on rank 0 (None on the others)."""
+    if not context.enabled:
+        return [value]
+    gathered: list[Any] | None = [None] * context.world_size if context.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def mean_across_ranks(value: torch.Tensor, context: DistContext) -> torch.Tensor:
     """The average of a scalar tensor over ranks (the same number on every rank)."""
     if not context.enabled:

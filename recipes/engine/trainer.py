@@ -39,6 +39,7 @@ from recipes.engine.distributed import (
     any_rank,
     barrier,
     broadcast,
+    gather_to_main,
     init_distributed,
     mean_across_ranks,
 )
@@ -280,6 +281,8 @@ def train(
         observer.message(f"skipped {bundle.skipped} unreadable items while building the data")
     seed_everything(config["train.seed"])
     model = recipe.build_model(config, bundle.info)
+    if context.rank > 0:  # same initial weights, but each rank its own dropout/augmentation
+        seed_everything(config["train.seed"] + 7919 * context.rank)
     model.to(device)
     sampler = ResumableBatchSampler(
         len(bundle.train),  # type: ignore[arg-type]
@@ -307,7 +310,11 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             sampler.load_state_dict(state["sampler"])
             progress.update(state["progress"])
-            restore_rng_state(state["rng"])
+            per_rank = state.get("rng_per_rank")
+            if per_rank is not None and len(per_rank) == context.world_size:
+                restore_rng_state(per_rank[context.rank])
+            else:  # another world size: exact only for rank 0
+                restore_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise UserError(
                 f"checkpoint {run_dir / rundir.CHECKPOINT_FILE} cannot be resumed "
@@ -343,19 +350,20 @@ def train(
         )
 
     def checkpoint() -> None:
+        rng_states = gather_to_main(capture_rng_state(), context)  # every rank's streams
         if context.is_main:
-            save_checkpoint(
-                run_dir / rundir.CHECKPOINT_FILE,
-                {
-                    "recipe": recipe_name,
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "progress": dict(progress),
-                    "rng": capture_rng_state(),
-                },
-            )
+            state = {
+                "recipe": recipe_name,
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "progress": dict(progress),
+                "rng": rng_states[0],
+            }
+            if context.enabled:
+                state["rng_per_rank"] = rng_states
+            save_checkpoint(run_dir / rundir.CHECKPOINT_FILE, state)
 
     if plan.run_dir is None:
         checkpoint()  # step 0: there is always a last good checkpoint

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cope_cli.bench import bench_app
 from cope_cli.render import (
     RichObserver,
     comparison_table,
@@ -595,15 +596,7 @@ def data_command(
     console.print(f"data ready in [bold]{path}[/]", highlight=False)
 
 
-def _mount_optional_commands() -> None:
-    """Mount `cope bench` once cope_cli/bench.py (the performance engineer's) exists."""
-    if (Path(__file__).with_name("bench.py")).is_file():
-        from cope_cli.bench import bench_app
-
-        app.add_typer(bench_app, name="bench")
-
-
-_mount_optional_commands()
+app.add_typer(bench_app, name="bench")  # `cope bench` (cope_cli/bench.py, the performance half)
 
 
 def main() -> None:

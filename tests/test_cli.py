@@ -56,6 +56,11 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "Example: cope " + command in " ".join(result.output.split())
 
 
+def test_bench_is_mounted_as_a_sub_command() -> None:
+    result = cope("bench", "--help")
+    assert result.exit_code == 0 and "attention" in result.output
+
+
 def test_train_help_shows_defaults() -> None:
     text = " ".join(cope("train", "--help").output.split())
     assert "[default: runs]" in text and "Default: auto" in text

@@ -193,7 +193,7 @@ def recipes_command(
 
     from recipes.base import get_recipe, list_recipes
 
-    table = Table(title="cope recipes")
+    table = Table(title="cope recipes", caption="presets: * marks the default")
     table.add_column("name", no_wrap=True, style="bold")
     for column in ("modality", "task", "splits", "data source", "presets"):
         table.add_column(column, overflow="fold")

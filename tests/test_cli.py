@@ -165,6 +165,33 @@ def test_user_mistakes_end_with_one_error_line_and_exit_2(
     assert not (tmp_path / "runs" / "tiny-majority").exists()  # no damaged run directory
 
 
+def test_out_of_memory_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from recipes.engine import trainer
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "forward_batch", exhausted)
+    result = cope("train", "tiny-majority", "--pe", "abs", "--out", tmp_path)
+    assert_user_error(result, "out of memory; try a smaller train.batch_size")
+
+
+def test_eval_of_an_unfinished_run_uses_its_best_weights_so_far(tmp_path: Path) -> None:
+    args = ["train", "tiny-majority", "--pe", "abs", "--out", tmp_path]
+    assert cope(*args, "--stop-after", "12").exit_code == 0  # val evaluated at step 10
+    (run,) = rundir.find_runs(tmp_path)
+    assert not rundir.is_finished(run)
+    result = cope("eval", run, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["weights"] == "best.pt"
+    assert_user_error(cope("eval", "tiny-majority", "--out", tmp_path), "no finished run")
+    (run / "best.pt").unlink()
+    (run / "checkpoint.pt").unlink()
+    assert_user_error(cope("eval", run), "checkpoint not found")
+
+
 def test_malformed_recipe_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('recipe = "tiny-majority"\n[train\n')

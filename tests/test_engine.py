@@ -246,6 +246,11 @@ def test_early_stopping_ends_training_after_patience(tmp_path: Path) -> None:
     # lr 0: val never improves after the first evaluation, so training stops at step 6
     assert result.status == "finished" and result.step == 6
     assert result.evaluation["best_step"] == 2
+    # killed after the early stop but before the final evaluation: resuming does not train on
+    (result.run_dir / "done").unlink()
+    resumed = train("tiny-majority", config, TrainOptions(out=tmp_path, resume=True))
+    assert resumed.run_dir == result.run_dir and resumed.step == 6
+    assert rundir.is_finished(resumed.run_dir)
 
 
 def test_epochs_replace_steps(tmp_path: Path) -> None:

@@ -384,8 +384,11 @@ def train(
     status = "finished"
     trained.train()
     try:
+        patience = config["train.patience"]
+        # A run killed between its early stop and its final evaluation must not train on.
+        stopped_early = patience > 0 and progress["evals_since_best"] >= patience
         with _StopRequest(options.handle_sigint) as stop:
-            while progress["step"] < total_steps:
+            while progress["step"] < total_steps and not stopped_early:
                 batch = collate([bundle.train[index] for index in sampler.next_batch()])
                 batch = move_batch(batch, device)
                 with autocast_context(device):

@@ -43,9 +43,10 @@ def explicit_attention(
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = weights.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    has_key = allowed.any(-1, keepdim=True)
+    # Rows without keys are zeroed before the softmax: all -inf would give NaN gradients.
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+    weights = torch.softmax(scores, dim=-1).masked_fill(~has_key, 0.0)
     return weights @ v, weights
 
 

@@ -175,10 +175,11 @@ def reference_cope_attention(
     ceil_row = positions.ceil().long() + offset
     z = _position_logits(q, pos_emb, dtype)  # (B, H, T, rows)
     bias = z.gather(-1, ceil_row) * weight_ceil + z.gather(-1, floor_row) * (1 - weight_ceil)
-    logits = scores + bias
-    weights = torch.softmax(logits, dim=-1)
-    # A query with no allowed key (a fully padded row) attends to nothing and outputs 0.
-    weights = weights.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    # A query with no allowed key (a fully padded row) attends to nothing and outputs 0. Its
+    # logits are all -inf: zero them first, or the softmax's NaN reaches every gradient.
+    has_key = allowed.any(-1, keepdim=True)
+    logits = (scores + bias).masked_fill(~has_key, 0.0)
+    weights = torch.softmax(logits, dim=-1).masked_fill(~has_key, 0.0)
     out = (weights @ v.to(dtype)).to(v.dtype)
     if return_weights:
         return out, weights, positions.masked_fill(~allowed, 0)

@@ -11,7 +11,9 @@ Readout of ``SequenceClassifier`` with ``pooling="cls"``:
   shifted by +1), so relative encodings see the CLS just before the first token on each axis.
 - causal: a prepended token would see nothing, so the readout token is placed right after each
   sequence's last real token (index = its length) where it sees the whole sequence; its
-  coordinate is that index (1-D) or one past the last token on every axis (``coords``).
+  coordinate is that index (1-D). With ``coords`` (shared by the batch, so not per item) it
+  takes the coordinates of the slot it fills, and an unpadded sequence's readout gets one past
+  the last token on every axis: only 1-D readouts are exactly independent of padding.
 
 ``pooling="mean"`` averages the encoder outputs over the real (unpadded) tokens.
 """

@@ -54,7 +54,7 @@ from encoders.cope import compute_dtype, npos_of_table
 SHORT_BLOCK, LONG_BLOCK, SHORT_LENGTH = 16, 32, 128
 # Band elements (B * H * rows * block) processed at once: bounds the band's working memory
 # (about a dozen tensors of this size are alive inside a step) independently of T.
-GROUP_ELEMENTS = 1 << 18
+GROUP_ELEMENTS = 1 << 17
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -151,6 +151,18 @@ class _Band:
         if self.behind:
             x = x.flip(-2)
         return x.permute(2, 0, 1, 3, 4).contiguous()
+
+    def block_view(self, x: Tensor) -> Tensor:
+        """(B, H, T, F) with T a multiple of block -> block-major view (blocks, B, H, block, F)."""
+        return x.view(self.batch, self.heads, self.blocks, self.block, -1).permute(2, 0, 1, 3, 4)
+
+    def rows_of(self, x: Tensor, rows: slice, first_block: int) -> Tensor:
+        """Rows of (B, H, T, F) as block-major blocks from ``first_block`` (zero-padded)."""
+        part = x[:, :, rows]
+        count = -(-(rows.stop - rows.start) // self.block)
+        part = F.pad(part, (0, 0, 0, count * self.block - part.shape[-2]))
+        part = part.view(self.batch, self.heads, count, self.block, -1)
+        return part.permute(2, 0, 1, 3, 4).contiguous()
 
     def rows_back(self, x: Tensor) -> Tensor:
         """Block-major rows (blocks, B, H, block, F) -> (B, H, T, F)."""
@@ -400,60 +412,100 @@ def _far_backward(
     return dq, dk, dv, dbias
 
 
+def _add_rows(target: Tensor, block_major: Tensor, first_block: int, reverse: bool = False) -> None:
+    """target (B, H, T, F)[rows of blocks first_block..] += block-major (G, B, H, block, F).
+
+    ``reverse`` undoes the key reversal inside blocks. Temporaries are one group's size.
+    """
+    count, batch, heads, block, features = block_major.shape
+    if reverse:
+        block_major = block_major.flip(-2)
+    start = first_block * block
+    stop = min(start + count * block, target.shape[-2])
+    rows = block_major.permute(1, 2, 0, 3, 4).reshape(batch, heads, count * block, features)
+    target[:, :, start:stop] += rows[:, :, : stop - start]
+
+
 def _band_backward(
     band: _Band,
     grad_out: Tensor,
     lse: Tensor,
     delta: Tensor,
     state: _DirectionState,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Band gradients of one direction: dL/d(q*scale), dL/dk, dL/dv, dL/dz_dir (B, H, T, *)."""
-    grad_qs = torch.zeros_like(band.q)
-    grad_k = torch.zeros_like(band.k)
-    grad_v = torch.zeros_like(band.v)
-    # dL/dz accumulates as complex numbers: real dL/dc at z[floor], imaginary w dL/dc, which
-    # belongs to z[floor + 1] and is taken off z[floor] (c = z[floor] + w (z[floor+1] - z[floor])).
-    grad_z = band.z.new_zeros(band.z.shape)
-    grad_out_b = band._rows(grad_out)
-    # Padded rows get dO = 0 and Delta = 0, hence zero gradients whatever their lse.
-    lse_b = band._rows(lse.unsqueeze(-1)).squeeze(-1)
-    delta_b = band._rows(delta.unsqueeze(-1)).squeeze(-1)
-    carry_dp = torch.zeros_like(delta_b)  # sum of dL/dp over the farther tiles of each row
-    for tile in reversed(range(len(state.carries))):
-        final = tile == state.tiles  # the extra tile that evens the band out
-        carry = state.carries[tile]
-        for first, last in band.groups(tile):
+    grads: tuple[Tensor, Tensor, Tensor, Tensor],
+    scale: float,
+) -> None:
+    """Add the band's gradients into ``grads`` = (dL/dq, dL/dk, dL/dv, dL/dz_dir), (B, H, T, *).
+
+    Query blocks are taken group by group, and each group walks its tiles from the farthest to
+    the nearest (the order dL/dp's carried sum needs), so that the query-side accumulators are
+    one group's size; key-side gradients accumulate block-major and are added back at the end.
+    """
+    grad_q, grad_k, grad_v, grad_z = grads
+    # Key-side gradients straight into dL/dk, dL/dv when whole blocks tile the sequence (a
+    # block-major view of them); otherwise into padded block-major accumulators.
+    direct = band.padded == band.length
+    if direct:
+        grad_k_b, grad_v_b = (band.block_view(x) for x in (grad_k, grad_v))
+    else:
+        grad_k_b, grad_v_b = torch.zeros_like(band.k), torch.zeros_like(band.v)
+    for group_first, group_last in band.groups(0):
+        rows = slice(group_first * band.block, group_last * band.block)
+        grad_out_b = band.rows_of(grad_out, rows, group_first)
+        lse_b = band.rows_of(lse.unsqueeze(-1), rows, group_first).squeeze(-1)
+        delta_b = band.rows_of(delta.unsqueeze(-1), rows, group_first).squeeze(-1)
+        grad_q_g = torch.zeros_like(band.q[group_first:group_last])
+        # dL/dz accumulates as complex numbers: real dL/dc at z[floor]; imaginary w dL/dc,
+        # which belongs to z[floor + 1] and is taken off z[floor] (c = z[floor] + w dz[floor]).
+        grad_z_g = torch.zeros_like(band.z[group_first:group_last])
+        carry_dp = torch.zeros_like(delta_b)  # sum of dL/dp over the farther tiles
+        for tile in reversed(range(len(state.carries))):
+            final = tile == state.tiles  # the extra tile that evens the band out
+            # Blocks of this group whose tile holds keys (see _Band.groups).
+            if band.behind:
+                first, last = max(group_first, tile), group_last
+            else:
+                first, last = group_first, min(group_last, band.blocks - tile)
+            if first >= last:
+                continue
+            local = slice(first - group_first, last - group_first)
             keys = band.key_slice(tile, first, last)
             scores = band.scores(tile, final, first, last)
             gates, floor, fraction, z_floor, dz_floor, _ = band.interpolate(
-                scores, carry[first:last], first, last
+                scores, state.carries[tile][first:last], first, last
             )
             logits = scores.add(z_floor).addcmul_(fraction, dz_floor)
-            probs = logits.sub_(lse_b[first:last].unsqueeze(-1)).exp_()
-            grad_out_g = grad_out_b[first:last]
+            probs = logits.sub_(lse_b[local].unsqueeze(-1)).exp_()
+            grad_out_g = grad_out_b[local]
             grad_probs = grad_out_g @ band.v[keys].transpose(-1, -2)
-            grad_logits = grad_probs.sub_(delta_b[first:last].unsqueeze(-1)).mul_(probs)
+            grad_logits = grad_probs.sub_(delta_b[local].unsqueeze(-1)).mul_(probs)
             # dL/dz through the logit c = z[floor] (1 - w) + z[floor + 1] w  (Eq. 5).
             upper = torch.complex(grad_logits, grad_logits * fraction)
-            grad_z[first:last].scatter_add_(-1, floor, upper)
+            grad_z_g[local].scatter_add_(-1, floor, upper)
+            del upper, fraction, floor
             # dL/dp through the slope dz[floor] (0 at the cap). The reference's slope is also 0
             # at integer p below the cap; that only happens when the gates between key and
             # query are exactly 0 or 1, whose sigmoid derivative g (1 - g) is 0, so dL/dg agrees.
             grad_pos = dz_floor.mul_(grad_logits)
             # dL/dg_ik = sum over keys at k or beyond of dL/dp_ij (this tile and farther ones).
-            grad_gates = (grad_pos @ band.suffix).add_(carry_dp[first:last].unsqueeze(-1))
-            carry_dp[first:last] = grad_gates[..., 0]
+            grad_gates = (grad_pos @ band.suffix).add_(carry_dp[local].unsqueeze(-1))
+            carry_dp[local] = grad_gates[..., 0]
             sigmoid_slope = torch.addcmul(gates, gates, gates, value=-1)  # g (1 - g)
             grad_scores = grad_gates.mul_(sigmoid_slope).add_(grad_logits)
-            grad_qs[first:last] += grad_scores @ band.k[keys]
-            grad_k[keys] += grad_scores.transpose(-1, -2) @ band.q[first:last]
-            grad_v[keys] += probs.transpose(-1, -2) @ grad_out_g
-    return (
-        band.rows_back(grad_qs),
-        band.keys_back(grad_k),
-        band.keys_back(grad_v),
-        band.rows_back(_table_gradient(grad_z)),
-    )
+            del grad_pos, sigmoid_slope, gates, grad_logits
+            grad_q_g[local] += grad_scores @ band.k[keys]
+            grad_keys = grad_scores.transpose(-1, -2) @ band.q[first:last]
+            grad_values = probs.transpose(-1, -2) @ grad_out_g
+            if direct and band.behind:  # undo the key reversal inside blocks
+                grad_keys, grad_values = grad_keys.flip(-2), grad_values.flip(-2)
+            grad_k_b[keys] += grad_keys
+            grad_v_b[keys] += grad_values
+        _add_rows(grad_q, grad_q_g.mul_(scale), group_first)
+        _add_rows(grad_z, _table_gradient(grad_z_g), group_first)
+    if not direct:
+        for first, last in band.groups(0):
+            _add_rows(grad_k, grad_k_b[first:last], first, reverse=band.behind)
+            _add_rows(grad_v, grad_v_b[first:last], first, reverse=band.behind)
 
 
 def _table_gradient(grad_z: Tensor) -> Tensor:
@@ -539,8 +591,6 @@ class BlockwiseCoPE(torch.autograd.Function):
         scale = 1.0 / math.sqrt(q.shape[-1])
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)  # Delta_i = dO_i . O_i
-        qs = q * scale
-        grad_qs = torch.zeros_like(q)
         grad_q = torch.zeros_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
@@ -549,34 +599,43 @@ class BlockwiseCoPE(torch.autograd.Function):
         lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))
         directions = _directions(z, npos, ctx.causal)
         for state, (behind, z_dir) in zip(ctx.states, directions, strict=True):
-            band = _Band(qs, k, v, z_dir, key_valid, behind=behind, npos=npos, block=ctx.block)
-            dqs, dk, dv, grad_z_dir = _band_backward(band, grad_out, lse_safe, delta, state)
-            del band
-            grad_qs += dqs
-            grad_k += dk
-            grad_v += dv
+            # dL/dz of this direction's rows of the table: a view of grad_z, except for the
+            # rightward half whose rows run backwards (accumulated apart, added at the end).
+            if ctx.causal:
+                grad_z_dir = grad_z
+            elif behind:
+                grad_z_dir = grad_z[..., npos - 1 :]
+            else:
+                grad_z_dir = torch.zeros_like(z_dir)
+            # The far region first, so its temporaries are gone before the band's exist.
             if state.far is not None:
                 offset = state.tiles * ctx.block + state.strict
                 keys = length - offset
                 far_args = _far_frame(behind, q, k, v, key_valid, grad_out, out, lse_safe, delta)
-                dq_far, dk_far, dv_far, dbias = _far_backward(*far_args, state.far, offset, scale)
-                if behind:
-                    grad_q[:, :, offset:] += dq_far
-                    grad_k[:, :, :keys] += dk_far
-                    grad_v[:, :, :keys] += dv_far
-                    grad_z_dir[:, :, offset:, npos - 1] += dbias
-                else:  # the far frame was reversed
-                    grad_q[:, :, :keys] += dq_far.flip(-2)
-                    grad_k[:, :, offset:] += dk_far.flip(-2)
-                    grad_v[:, :, offset:] += dv_far.flip(-2)
-                    grad_z_dir[:, :, :keys, npos - 1] += dbias.flip(-1)
-            if ctx.causal:
-                grad_z += grad_z_dir
-            elif behind:
-                grad_z[..., npos - 1 :] += grad_z_dir
-            else:
+                far_grads = _far_backward(*far_args, state.far, offset, scale)
+                del far_args
+                if not behind:  # the far frame was reversed
+                    far_grads = tuple(x.flip(-2 if x.dim() == 4 else -1) for x in far_grads)
+                dq_far, dk_far, dv_far, dbias = far_grads
+                del far_grads
+                rows, key_rows = (
+                    (slice(offset, None), slice(None, keys))
+                    if behind
+                    else (slice(None, keys), slice(offset, None))
+                )
+                grad_q[:, :, rows] += dq_far
+                grad_k[:, :, key_rows] += dk_far
+                grad_v[:, :, key_rows] += dv_far
+                grad_z_dir[:, :, rows, npos - 1] += dbias
+                del dq_far, dk_far, dv_far, dbias
+            band = _Band(
+                q * scale, k, v, z_dir, key_valid, behind=behind, npos=npos, block=ctx.block
+            )
+            grads = (grad_q, grad_k, grad_v, grad_z_dir)
+            _band_backward(band, grad_out, lse_safe, delta, state, grads, scale)
+            del band
+            if not ctx.causal and not behind:
                 grad_z[..., :npos] += grad_z_dir.flip(-1)
-        grad_q += grad_qs * scale
         if table.dim() == 2:
             grad_q += grad_z @ table
             grad_table = torch.einsum("bhtn,bhtd->nd", grad_z, q)

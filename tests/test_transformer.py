@@ -268,3 +268,15 @@ def test_an_all_padding_sequence_does_not_poison_the_batch_gradients(pe, record)
     assert torch.isfinite(x.grad).all()
     for name, parameter in encoder.named_parameters():
         assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("pe", ALL_ENCODINGS)
+def test_a_saved_state_dict_loads_with_weights_only_and_gives_the_same_outputs(pe, tmp_path):
+    config = small_config(pe=pe, causal=True, pooling="cls")
+    model = SequenceClassifier(FeatureFrontend(5, 16), config, num_classes=3).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(123)  # a fresh model with other weights
+    restored = SequenceClassifier(FeatureFrontend(5, 16), config, num_classes=3).eval()
+    restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    x = torch.randn(2, 6, 5)
+    torch.testing.assert_close(restored(x), model(x))

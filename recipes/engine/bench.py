@@ -330,7 +330,7 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
         None,
         time_ms=statistics.median(times) * 1e3,
         peak_mib=memory.rise / 2**20,
-        examples_per_s=batch_size * len(times) / sum(times),
+        examples_per_s=batch_size / statistics.median(times),  # robust to other load
         extra={
             "batch_size": batch_size,
             "mean_tokens": tokens,

@@ -16,8 +16,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cope compare audio-events --pe cope,rope,abs
 
+# Passive OpenMP waiting: busy-waiting threads slow torch ~10x on a shared 2-CPU machine.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -103,8 +103,9 @@ def pick_frames(frame_times: Sequence[float], wanted: Sequence[float]) -> list[i
     """For each wanted time, the index of the decoded frame shown at that time.
 
     A frame is shown from its timestamp until the next frame's, so the pick is the last frame
-    whose time is <= the wanted time (the first frame for earlier times). Wanted times past the
-    end of the video, by more than one frame interval, are dropped: the clip is shorter.
+    whose time is <= the wanted time (the first frame for earlier times). Wanted times at or
+    after the end of the last frame's display (its time + the mean frame interval) are
+    dropped: a short video gives a shorter clip.
     """
     if not frame_times:
         return []
@@ -125,8 +126,10 @@ def decode_video(path: Path, settings: DecodeSettings) -> Tensor:
     """Decode a video file into a uint8 clip (frames, channels, size, size) with PyAV.
 
     Frames are sampled at ``settings.fps`` from the stream's timestamps, not by index, so
-    videos with different frame rates give clips of the same rate. Raises ValueError for a file
-    that holds no decodable video frame (the caller skips and counts it).
+    videos with different frame rates give clips of the same rate. Decoding runs from the
+    start without seeking (clips are short) and stops one frame past the last wanted time.
+    Raises ValueError for a file that holds no decodable video frame (the caller skips and
+    counts it).
     """
     import av
     from torchvision.transforms import v2

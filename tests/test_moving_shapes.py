@@ -272,3 +272,16 @@ def test_cli_trains_and_evaluates_every_split_end_to_end(tmp_path) -> None:
     text = json.dumps(evaluation)
     for split in ("val", "test", "slow", "fast", "long"):
         assert f'"{split}"' in text
+
+
+@pytest.mark.slow
+def test_a_small_model_learns_the_kind_of_the_first_shape(tmp_path) -> None:
+    """Sanity of the task and the tokenizer: "kind of the 1st shape" is learnable in minutes."""
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import TrainOptions, train
+
+    recipe = get_recipe("moving-shapes")
+    options = {"data.max_nth": 1, "data.eval_size": 200, "train.steps": 400}
+    config = resolve_config(recipe, set_options={**options, "train.eval_every": 400})
+    result = train("moving-shapes", config, TrainOptions(out=tmp_path, handle_sigint=False))
+    assert result.evaluation["splits"]["test"]["accuracy"] > 0.6  # chance is 0.25

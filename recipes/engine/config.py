@@ -135,6 +135,8 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError:  # TOML is UTF-8; tomllib lets this one through untranslated
+        raise UserError(f"{path} is not valid TOML: it is not UTF-8 text") from None
 
 
 def load_recipe_file(path: Path) -> tuple[Config, dict[str, Any]]:

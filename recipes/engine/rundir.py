@@ -39,7 +39,13 @@ def run_parent(out: Path, recipe: str, pe: str) -> Path:
 def create_run_dir(out: Path, recipe: str, pe: str, seed: int) -> Path:
     """Create a fresh run directory; the name is unique even for runs started in one second."""
     parent = run_parent(out, recipe, pe)
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # --out is a file, lies below one, or is not writable
+        raise UserError(
+            f"cannot create run directories under {out} ({error.strerror or error}); "
+            "choose another --out"
+        ) from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for attempt in range(10_000):
         name = f"seed{seed}-{stamp}" + (f"-{attempt}" if attempt else "")

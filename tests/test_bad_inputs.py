@@ -1,0 +1,334 @@
+"""The bad-input corpus, fed to the real command line (in-process, through Typer's CliRunner).
+
+Every mistake a user can make ends with one line ``error: ...`` naming the problem, exit code 2,
+no traceback, and no run directory left behind. Every bad item inside a dataset is skipped and
+counted, and training goes on. Unusual but valid audio (8/24-bit, float, a minute long) is read.
+
+We run as root, so permissions cannot make a folder unwritable: an output folder that cannot
+be written is simulated by ``--out`` pointing at a regular file, or at a path below one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import bad_inputs
+import pytest
+from test_cli import assert_user_error, cope
+
+from recipes.engine import rundir
+
+TINY_AUDIO = ["--set", "train.batch_size=4", "--set", "train.eval_batch_size=8"]
+TINY_AUDIO += ["--set", "model.dim=16", "--set", "model.mlp_dim=32", "--set", "model.heads=2"]
+TINY_VIDEO = ["--preset", "tiny", "--set", "data.fps=5.0", "--set", "data.frames=4"]
+TINY_VIDEO += ["--set", "data.size=16", "--set", "data.progress=false"]
+TINY_VIDEO += ["--set", "train.batch_size=2"]
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich wraps at the terminal width; a wide one keeps the error on one line."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Finished one-step runs to damage: tiny-majority-tf with abs and nope, tiny-echo."""
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for recipe, pe in (
+        ("tiny-majority-tf", "abs"),
+        ("tiny-majority-tf", "nope"),
+        ("tiny-echo", "abs"),
+    ):
+        result = cope("train", recipe, "--pe", pe, "--steps", "1", "--out", root)
+        assert result.exit_code == 0, result.output
+        (runs[f"{recipe}/{pe}"],) = rundir.find_runs(root, recipe, pe)
+    return runs
+
+
+def copy_run(trained: dict[str, Path], key: str, target: Path) -> Path:
+    """A private copy of a trained run directory (each case damages its own)."""
+    return Path(shutil.copytree(trained[key], target / "copy" / trained[key].name))
+
+
+# --- fatal cases --------------------------------------------------------------------------------
+# Each case prepares whatever it needs under tmp_path and returns the command-line arguments.
+Setup = Callable[[Path, dict[str, Path]], list[str]]
+
+
+@dataclass
+class Fatal:
+    """A user mistake: the arguments it leads to, and a fragment of the expected error line."""
+
+    name: str
+    setup: Setup
+    fragment: str
+
+
+def train(*args: str) -> Setup:
+    """A `cope train` command with --out tmp_path/runs."""
+    return lambda tmp, runs: ["train", *args, "--out", str(tmp / "runs")]
+
+
+def recipe_file(text: str | bytes, *args: str) -> Setup:
+    """`cope train --recipe-file FILE` with FILE holding ``text``."""
+
+    def setup(tmp: Path, runs: dict[str, Path]) -> list[str]:
+        path = tmp / "run.toml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["train", "--recipe-file", str(path), *args, "--out", str(tmp / "runs")]
+
+    return setup
+
+
+def folder_recipe(recipe: str, make: Callable[[Path], object] | None, *args: str) -> Setup:
+    """`cope train RECIPE --data-dir DIR` where ``make(DIR)`` prepared DIR (None: DIR missing)."""
+
+    def setup(tmp: Path, runs: dict[str, Path]) -> list[str]:
+        data = tmp / "data"
+        if make is not None:
+            make(data)
+        return ["train", recipe, "--steps", "1", "--data-dir", str(data), *args,
+                "--out", str(tmp / "runs")]  # fmt: skip
+
+    return setup
+
+
+def only_bad_audio(root: Path) -> None:
+    for label in ("low", "high"):
+        for name, make in bad_inputs.AUDIO_ITEMS.items():
+            make(root / label / f"{name}.wav")
+
+
+def only_bad_npy(root: Path) -> None:
+    for label in ("down", "up"):
+        for name, make in bad_inputs.NPY_ITEMS.items():
+            make(root / label / f"{name}.npy")
+
+
+def only_bad_video(root: Path) -> None:
+    for label in ("red", "blue"):
+        bad_inputs.corrupt_video(root / label / "corrupt.mp4")
+        bad_inputs.empty_video(root / label / "empty.avi")
+
+
+def a_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder\n")
+
+
+def damaged_run(key: str, damage: Callable[[Path], None], *args: str) -> Setup:
+    """`cope eval RUN` of a copy of a trained run that ``damage`` changed."""
+
+    def setup(tmp: Path, runs: dict[str, Path]) -> list[str]:
+        run = copy_run(runs, key, tmp)
+        damage(run)
+        return ["eval", str(run), *args]
+
+    return setup
+
+
+def truncate(name: str, keep: int) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        path = run / name
+        path.write_bytes(path.read_bytes()[:keep])
+
+    return damage
+
+
+def out_is_a_file(tmp: Path, runs: dict[str, Path]) -> list[str]:
+    a_file(tmp / "runs")
+    return ["train", "tiny-majority", "--steps", "1", "--out", str(tmp / "runs")]
+
+
+def out_below_a_file(tmp: Path, runs: dict[str, Path]) -> list[str]:
+    a_file(tmp / "blocker")
+    return ["train", "tiny-majority", "--steps", "1", "--out", str(tmp / "blocker" / "runs")]
+
+
+def other_checkpoint(source: str, target: str) -> Setup:
+    """`cope eval` of a run of ``target`` whose best.pt was trained for ``source``."""
+
+    def setup(tmp: Path, runs: dict[str, Path]) -> list[str]:
+        run = copy_run(runs, target, tmp)
+        shutil.copy(runs[source] / rundir.BEST_FILE, run / rundir.BEST_FILE)
+        return ["eval", str(run)]
+
+    return setup
+
+
+FATAL = [
+    # names: recipe, encoding, preset, option keys
+    Fatal("unknown recipe", train("speech-comands"), "unknown recipe 'speech-comands'"),
+    Fatal("unknown encoding", train("counting", "--pe", "rotary"), "unknown position encoding"),
+    Fatal("unknown preset", train("counting", "--preset", "huge"), "no preset 'huge'"),
+    Fatal("unknown --set key", train("counting", "--set", "model.dimm=8"), "'model.dim'"),
+    Fatal("unknown --set section", train("counting", "--set", "optim.lr=1"), "optim.lr"),
+    # values of the wrong type or out of range
+    Fatal("text for a number", train("counting", "--set", "train.lr=fast"), "train.lr must be"),
+    Fatal("text for a flag", train("counting", "--set", "model.causal=maybe"), "model.causal"),
+    Fatal("zero batch size", train("counting", "--set", "train.batch_size=0"), "at least 1"),
+    Fatal("negative steps", train("counting", "--set", "train.steps=-5"), "must not be negative"),
+    Fatal("unknown optimiser", train("counting", "--set", "train.optimizer=sgd"), "adamw"),
+    Fatal("heads not dividing dim", train("counting", "--set", "model.heads=5"), "heads"),
+    # recipe files
+    Fatal("malformed TOML", recipe_file('recipe = "counting\n'), "not valid TOML"),
+    Fatal("recipe file not UTF-8", recipe_file(b'recipe = "counting"\n\xff\xfe\n'), "not UTF-8"),
+    Fatal(
+        "recipe file missing",
+        lambda tmp, runs: ["train", "--recipe-file", str(tmp / "x.toml")],
+        "file not found",
+    ),  # fmt: skip
+    Fatal(
+        "recipe file wrong type",
+        recipe_file('recipe = "counting"\n[train]\nsteps = "ten"\n'),
+        "train.steps must be",
+    ),  # fmt: skip
+    Fatal(
+        "recipe file unknown key",
+        recipe_file('recipe = "counting"\n[model]\nwidth = 8\n'),
+        "model.width",
+    ),  # fmt: skip
+    Fatal("recipe file names no recipe", recipe_file("[train]\nsteps = 3\n"), "name a recipe"),
+    # data folders
+    Fatal("no --data-dir", train("audio-folder", "--steps", "1"), "--data-dir"),
+    Fatal("missing audio folder", folder_recipe("audio-folder", None), "not found"),
+    Fatal("empty audio folder", folder_recipe("audio-folder", Path.mkdir), "no class sub-folders"),
+    Fatal("audio data-dir is a file", folder_recipe("audio-folder", a_file), "data"),
+    Fatal("only unreadable audio", folder_recipe("audio-folder", only_bad_audio), "split of"),
+    Fatal("missing npy folder", folder_recipe("npy-folder", None), "does not exist"),
+    Fatal("empty npy folder", folder_recipe("npy-folder", Path.mkdir), "no class sub-folders"),
+    Fatal("only bad arrays", folder_recipe("npy-folder", only_bad_npy), "npy"),
+    Fatal("missing video folder", folder_recipe("video-folder", None), "does not exist"),
+    Fatal("empty video folder", folder_recipe("video-folder", Path.mkdir), "no video files"),
+    Fatal(
+        "only broken videos", folder_recipe("video-folder", only_bad_video, *TINY_VIDEO), "video"
+    ),  # fmt: skip
+    Fatal(
+        "speech commands not downloaded", folder_recipe("speech-commands", Path.mkdir), "--download"
+    ),  # fmt: skip
+    # checkpoints
+    Fatal(
+        "checkpoint of another encoding",
+        other_checkpoint("tiny-majority-tf/nope", "tiny-majority-tf/abs"),
+        "does not fit this model",
+    ),  # fmt: skip
+    Fatal(
+        "checkpoint of another recipe",
+        other_checkpoint("tiny-echo/abs", "tiny-majority-tf/abs"),
+        "belongs to recipe 'tiny-echo'",
+    ),  # fmt: skip
+    Fatal(
+        "truncated checkpoint",
+        damaged_run("tiny-majority-tf/abs", truncate("best.pt", 200)),
+        "damaged or unreadable",
+    ),  # fmt: skip
+    Fatal(
+        "zero-byte checkpoint",
+        damaged_run("tiny-majority-tf/abs", truncate("best.pt", 0)),
+        "damaged or unreadable",
+    ),  # fmt: skip
+    Fatal(
+        "damaged run config",
+        damaged_run("tiny-majority-tf/abs", truncate("config.json", 9)),
+        "config.json",
+    ),  # fmt: skip
+    # output folder that cannot be written (simulated: we run as root)
+    Fatal("--out is a regular file", out_is_a_file, "cannot create run directories"),
+    Fatal("--out below a regular file", out_below_a_file, "choose another --out"),
+]
+
+
+@pytest.mark.parametrize("case", FATAL, ids=[case.name for case in FATAL])
+def test_user_mistake_ends_with_one_error_line_and_no_run_directory(
+    case: Fatal, trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # relative defaults (runs/, data/) land in the test's folder
+    arguments = case.setup(tmp_path, trained)
+    result = cope(*arguments)
+    assert_user_error(result, case.fragment)
+    made = [path for path in tmp_path.rglob("seed*-*") if "copy" not in path.parts]
+    assert made == []  # no half-made run directory anywhere below the test folder
+
+
+# --- bad items inside a dataset: skipped, counted, training goes on -----------------------------
+@dataclass
+class BadItem:
+    """A bad file placed among good ones: which recipe reads it and how to build the folder."""
+
+    name: str
+    recipe: str
+    make_good: Callable[[Path], Path]
+    make_bad: Callable[[Path], Path]
+    suffix: str
+    options: list[str]
+
+
+BAD_ITEMS = [
+    *(BadItem(f"audio {name}", "audio-folder", bad_inputs.audio_class_folder, make, ".wav",
+              TINY_AUDIO) for name, make in bad_inputs.AUDIO_ITEMS.items()),
+    *(BadItem(f"array {name}", "npy-folder", bad_inputs.npy_class_folder, make, ".npy",
+              TINY_AUDIO) for name, make in bad_inputs.NPY_ITEMS.items()),
+    BadItem("corrupt video", "video-folder", bad_inputs.video_class_folder,
+            bad_inputs.corrupt_video, ".mp4", TINY_VIDEO),
+    BadItem("empty video", "video-folder", bad_inputs.video_class_folder,
+            bad_inputs.empty_video, ".avi", TINY_VIDEO),
+]  # fmt: skip
+
+
+def data_record(out: Path) -> dict:
+    """The ``kind: data`` record of the only run under ``out``."""
+    (run,) = rundir.find_runs(out)
+    records = [json.loads(line) for line in (run / rundir.METRICS_FILE).read_text().splitlines()]
+    return next(record for record in records if record.get("kind") == "data")
+
+
+@pytest.mark.parametrize("case", BAD_ITEMS, ids=[case.name for case in BAD_ITEMS])
+def test_bad_item_is_skipped_counted_and_training_goes_on(case: BadItem, tmp_path: Path) -> None:
+    data = case.make_good(tmp_path / "data")
+    first_class = sorted(path for path in data.iterdir() if path.is_dir())[0]
+    case.make_bad(first_class / f"bad{case.suffix}")
+    out = tmp_path / "runs"
+    arguments = ["train", case.recipe, "--pe", "rope", "--steps", "1", "--data-dir", str(data)]
+    result = cope(*arguments, *case.options, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable" in result.output and "Traceback" not in result.output
+    assert data_record(out)["skipped"] == 1
+
+
+# --- unusual but valid audio: read, not skipped ---------------------------------------------------
+@pytest.mark.parametrize("kind", list(bad_inputs.VALID_AUDIO_ITEMS))
+def test_valid_audio_formats_and_a_minute_long_clip_load_and_train(
+    kind: str, tmp_path: Path
+) -> None:
+    data = bad_inputs.audio_class_folder(tmp_path / "data", per_class=5)
+    for label in ("low", "high"):
+        bad_inputs.VALID_AUDIO_ITEMS[kind](data / label / f"odd-{kind}.wav")
+    out = tmp_path / "runs"
+    arguments = ["train", "audio-folder", "--pe", "rope", "--steps", "1", "--data-dir", str(data)]
+    result = cope(*arguments, *TINY_AUDIO, "--set", "data.max_seconds=2.0", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "skipped" not in result.output
+    record = data_record(out)
+    assert record["skipped"] == 0
+    assert record["train_size"] + sum(record["splits"].values()) == 12
+
+
+def test_a_minute_long_clip_is_cropped_to_max_seconds(tmp_path: Path) -> None:
+    from recipes.base import get_recipe
+
+    recipe = get_recipe("audio-folder")
+    data = bad_inputs.audio_class_folder(tmp_path / "data", per_class=5)
+    bad_inputs.very_long_wav(data / "low" / "long.wav")
+    config = {**recipe.defaults, "data.seed": 0, "model.pe": "rope", "data.max_seconds": 2.0}
+    bundle = recipe.build_data(config, data, False)
+    datasets = [bundle.train, *(split.dataset for split in bundle.splits.values())]
+    frames = [
+        dataset[index]["inputs"].shape[0] for dataset in datasets for index in range(len(dataset))
+    ]
+    assert max(frames) == 201  # 2 s at a 10 ms hop (+1 centred frame), not 6001

@@ -583,6 +583,12 @@ class BlockwiseCoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # Float32 (or float64) throughout, also when backward is called under autocast.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return BlockwiseCoPE._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):  # type: ignore[no-untyped-def]
         q, k, v, table, z, out, lse, key_valid = ctx.saved_tensors
         if not ctx.has_mask:
             key_valid = None
@@ -663,13 +669,15 @@ def blockwise_cope_attention(
     if block is None:
         block = SHORT_BLOCK if q.shape[-2] <= SHORT_LENGTH else LONG_BLOCK
     dtype = compute_dtype(q, k, v, pos_emb)
-    out = BlockwiseCoPE.apply(
-        q.to(dtype).contiguous(),
-        k.to(dtype).contiguous(),
-        v.to(dtype).contiguous(),
-        pos_emb.to(dtype),
-        key_padding_mask,
-        causal,
-        block,
-    )
+    # Under autocast the band's matmuls would run in bf16/fp16: CoPE keeps gates in float32.
+    with torch.autocast(q.device.type, enabled=False):
+        out = BlockwiseCoPE.apply(
+            q.to(dtype).contiguous(),
+            k.to(dtype).contiguous(),
+            v.to(dtype).contiguous(),
+            pos_emb.to(dtype),
+            key_padding_mask,
+            causal,
+            block,
+        )
     return out.to(v.dtype)

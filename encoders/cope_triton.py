@@ -301,6 +301,12 @@ class TritonCoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # Float32 (or float64) throughout, also when backward is called under autocast.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return TritonCoPE._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):  # type: ignore[no-untyped-def]
         _, backward_kernel = _kernels()
         q, k, v, table, z, out, lse = ctx.saved_tensors
         valid = ctx.valid
@@ -371,12 +377,14 @@ def triton_cope_attention(
             "use impl='blockwise' on CPU"
         )
     dtype = compute_dtype(q, k, v, pos_emb)
-    out = TritonCoPE.apply(
-        q.to(dtype).contiguous(),
-        k.to(dtype).contiguous(),
-        v.to(dtype).contiguous(),
-        pos_emb.to(dtype),
-        key_padding_mask,
-        causal,
-    )
+    # Under autocast the band's matmuls would run in bf16/fp16: CoPE keeps gates in float32.
+    with torch.autocast(q.device.type, enabled=False):
+        out = TritonCoPE.apply(
+            q.to(dtype).contiguous(),
+            k.to(dtype).contiguous(),
+            v.to(dtype).contiguous(),
+            pos_emb.to(dtype),
+            key_padding_mask,
+            causal,
+        )
     return out.to(v.dtype)

@@ -212,3 +212,16 @@ def test_blockwise_portable_far_region_matches_reference(causal, monkeypatch):
     mask = torch.zeros(2, 70, dtype=torch.bool)
     mask[0, 60:] = True
     assert_matches_reference(inputs, causal=causal, key_padding_mask=mask, block=8)
+
+
+def test_blockwise_under_bfloat16_autocast_keeps_float32_inside():
+    q, k, v, table = (x.float() for x in make_inputs(batch=1, length=80, npos=6))
+    expected = reference_cope_attention(q, k, v, table)
+    leaf = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blockwise_cope_attention(leaf, k, v, table)
+        out.sum().backward()
+    assert out.dtype == torch.float32
+    # bf16 matmuls would be off by ~1e-2; float32 inside stays at float32 rounding.
+    assert (out - expected).abs().max() <= 1e-5
+    assert torch.isfinite(leaf.grad).all()

@@ -112,7 +112,7 @@ class MultiHeadAttention(nn.Module):
         positions = None
         if self.positions.replaces_kernel:
             out, weights, positions = self.positions.attend(
-                q, k, v, key_padding_mask=padding_mask, record=self.record
+                q, k, v, key_padding_mask=padding_mask, record=self.record, layer_input=x
             )
         else:
             bias = self.positions.score_bias(coords)

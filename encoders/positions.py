@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.cope import CoPE, compute_dtype, reference_cope_attention
+from encoders.cope import (
+    CoPE,
+    compute_dtype,
+    cope_gates,
+    onset_keys,
+    reference_cope_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class PositionSpec:
     npos: int  # CoPE position cap (its table has npos rows, 2*npos-1 when bidirectional)
     cope_per_head: bool = False
     cope_impl: str = "auto"
+    cope_gate: str = "qk"  # CoPE gate variant: qk (paper), onset, token (encoders.cope)
 
     @property
     def head_dim(self) -> int:
@@ -81,8 +88,13 @@ class PositionEncoding(nn.Module):
         *,
         key_padding_mask: Tensor | None,
         record: bool,
+        layer_input: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Attention computed by the encoding: (output, weights if record, positions if record)."""
+        """Attention computed by the encoding: (output, weights if record, positions if record).
+
+        ``layer_input`` (B, T, dim) is what the layer's q/k/v were projected from (for gates
+        computed from the tokens themselves).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not replace the attention kernel")
 
 
@@ -345,6 +357,10 @@ class ContextualPositions(PositionEncoding):
 
     One table per layer shared by the heads (or per head), zero-initialised, npos rows when
     causal and 2*npos-1 signed rows when bidirectional (see :mod:`encoders.cope`).
+
+    ``spec.cope_gate`` picks the gate: "qk" (paper), "onset" (differenced keys) or "token"
+    (``gate_head``: a Linear(dim, heads) on the layer input, one gate logit per key and head).
+    While recording, ``last_gates`` keeps the gates (B, H, T, T) for `cope positions`.
     """
 
     acts_on = "kernel"
@@ -359,7 +375,24 @@ class ContextualPositions(PositionEncoding):
             per_head=spec.cope_per_head,
             causal=spec.causal,
             impl=spec.cope_impl,
+            gate=spec.cope_gate,
         )
+        # Per head, so heads can count different things; only the token gate has the head (an
+        # unused parameter would upset DDP).
+        self.gate_head = nn.Linear(spec.dim, spec.heads) if spec.cope_gate == "token" else None
+        self.last_gates: Tensor | None = None
+
+    def gate_inputs(
+        self, k: Tensor, layer_input: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(gate_keys, gate_logits) the layer's gate variant needs, None where unused."""
+        if self.spec.cope_gate == "onset":
+            return onset_keys(k), None
+        if self.spec.cope_gate == "token":
+            if layer_input is None:
+                raise ValueError("the token gate needs the layer input (attend(layer_input=x))")
+            return None, self.gate_head(layer_input).transpose(1, 2)  # (B, H, T)
+        return None, None
 
     def attend(
         self,
@@ -369,7 +402,9 @@ class ContextualPositions(PositionEncoding):
         *,
         key_padding_mask: Tensor | None,
         record: bool,
+        layer_input: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        gate_keys, gate_logits = self.gate_inputs(k, layer_input)
         if record:
             # The reference is the one path that keeps weights and positions to show.
             out, weights, positions = reference_cope_attention(
@@ -380,9 +415,23 @@ class ContextualPositions(PositionEncoding):
                 causal=self.spec.causal,
                 key_padding_mask=key_padding_mask,
                 return_weights=True,
+                gate=self.spec.cope_gate,
+                gate_keys=gate_keys,
+                gate_logits=gate_logits,
             )
+            self.last_gates = cope_gates(
+                q,
+                k,
+                causal=self.spec.causal,
+                key_padding_mask=key_padding_mask,
+                gate=self.spec.cope_gate,
+                gate_keys=gate_keys,
+                gate_logits=gate_logits,
+            ).detach()
             return out, weights, positions
-        return self.cope(q, k, v, key_padding_mask=key_padding_mask), None, None
+        self.last_gates = None
+        out = self.cope(q, k, v, key_padding_mask=key_padding_mask, gate_logits=gate_logits)
+        return out, None, None
 
 
 @register_position_encoding("cope+rope")

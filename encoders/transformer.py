@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.attention import MultiHeadAttention
+from encoders.cope import GATES
 from encoders.positions import PositionSpec, get_position_encoding
 
 
@@ -47,12 +48,15 @@ class EncoderConfig:
     cope_impl: str = "auto"
     pooling: str = "cls"  # "cls" | "mean"
     grid: tuple[int, ...] | None = None  # row-major token layout for axial coords (see Encoder)
+    cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token": CoPE's gate (encoders.cope)
 
     def __post_init__(self) -> None:
         if self.norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.cope_gate not in GATES:
+            raise ValueError(f"cope_gate must be one of {', '.join(GATES)}, got {self.cope_gate!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.grid is not None:
@@ -76,6 +80,7 @@ class EncoderConfig:
             npos=self.resolved_npos,
             cope_per_head=self.cope_per_head,
             cope_impl=self.cope_impl,
+            cope_gate=self.cope_gate,
         )
 
 

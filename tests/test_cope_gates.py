@@ -1,0 +1,203 @@
+"""CoPE gate variants (qk, onset, token) against their formulas, written as a plain loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from encoders.cope import (
+    cope_attention,
+    cope_gates,
+    cope_positions,
+    onset_keys,
+    reference_cope_attention,
+)
+from encoders.transformer import EncoderConfig, SequenceClassifier, recorded_layers, set_recording
+
+
+def loop_gate(gate, q, k, gate_logits, b, h, i, j):
+    """One gate g_ij of a variant, from its documented formula (encoders/cope.py docstring)."""
+    head_dim = q.shape[-1]
+    if gate == "qk":
+        return torch.sigmoid(q[b, h, i] @ k[b, h, j] / math.sqrt(head_dim))
+    if gate == "onset":
+        previous = k[b, h, j - 1] if j > 0 else k[b, h, 0]  # k_{-1} := k_0
+        change = q[b, h, i] @ (k[b, h, j] - previous) / math.sqrt(head_dim)
+        return (2 * torch.sigmoid(change) - 1).abs()
+    return torch.sigmoid(gate_logits[b, h, j])
+
+
+def loop_cope_gated(q, k, v, table, gate, gate_logits=None, *, causal, key_padding_mask=None):
+    """CoPE term by term (as tests/test_cope_reference.py) with the chosen gate variant."""
+    batch, heads, length, head_dim = q.shape
+    rows = table.shape[-2]
+    npos = rows if causal else (rows + 1) // 2
+    offset = 0 if causal else npos - 1
+    outputs = []
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                allowed = [
+                    j
+                    for j in range(length)
+                    if (not causal or j <= i)
+                    and (key_padding_mask is None or not key_padding_mask[b, j])
+                ]
+                score = {j: q[b, h, i] @ k[b, h, j] / math.sqrt(head_dim) for j in allowed}
+                gates = {j: loop_gate(gate, q, k, gate_logits, b, h, i, j) for j in allowed}
+                logits = []
+                for j in allowed:
+                    if j <= i:
+                        p = sum(gates[m] for m in range(j, i + 1) if m in gates)
+                    else:
+                        p = -sum(gates[m] for m in range(i + 1, j + 1) if m in gates)
+                    p = p.clamp(min=0 if causal else -(npos - 1), max=npos - 1)
+                    lower, upper = int(math.floor(p.item())), int(math.ceil(p.item()))
+                    fraction = p - lower
+                    z_upper = q[b, h, i] @ table[upper + offset]
+                    z_lower = q[b, h, i] @ table[lower + offset]
+                    logits.append(score[j] + z_upper * fraction + z_lower * (1 - fraction))
+                weights = torch.softmax(torch.stack(logits), dim=0)
+                outputs.append(sum(w * v[b, h, j] for w, j in zip(weights, allowed, strict=True)))
+    return torch.stack(outputs).reshape(batch, heads, length, -1)
+
+
+def _draw(*shape, generator, std=1.0):
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).requires_grad_()
+
+
+@pytest.mark.parametrize("gate", ["qk", "onset", "token"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_each_gate_variant_equals_its_formula_in_values_and_gradients(gate, causal):
+    batch, heads, length, head_dim, npos = 2, 2, 6, 4, 3
+    rows = npos if causal else 2 * npos - 1
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (_draw(batch, heads, length, head_dim, generator=generator, std=1.5) for _ in "qkv")
+    table = _draw(rows, head_dim, generator=generator, std=0.7)
+    logits = _draw(batch, heads, length, generator=generator, std=2.0)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[1, 4:] = True  # second sequence: 4 real tokens of 6
+    extra = {
+        "gate_keys": onset_keys(k) if gate == "onset" else None,
+        "gate_logits": logits if gate == "token" else None,
+    }
+    expected = loop_cope_gated(q, k, v, table, gate, logits, causal=causal, key_padding_mask=mask)
+    actual = cope_attention(
+        q, k, v, table, causal=causal, key_padding_mask=mask, impl="auto", gate=gate, **extra
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+    upstream = torch.randn_like(expected)
+    inputs = (q, k, v, table, logits)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs, allow_unused=True)
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), inputs, allow_unused=True)
+    for name, got, want in zip(
+        ("q", "k", "v", "e", "logits"), actual_grads, expected_grads, strict=True
+    ):
+        if want is None:
+            assert got is None or not got.abs().any(), f"{name} should not get a gradient"
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+    if gate == "token":
+        assert actual_grads[4].abs().sum() > 0, "the token gate's logits must be learnable"
+
+
+def test_qk_gate_with_defaults_is_the_papers_reference_unchanged():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (_draw(1, 2, 5, 4, generator=generator) for _ in "qkv")
+    table = _draw(6, 4, generator=generator)
+    torch.testing.assert_close(
+        reference_cope_attention(q, k, v, table, gate="qk"),
+        reference_cope_attention(q, k, v, table),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_onset_gates_are_zero_for_a_constant_input_and_open_at_a_step():
+    length, head_dim = 10, 4
+    step_at = 6
+    key = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    q = torch.tensor([2.0, -4.0, 1.0, 6.0], dtype=torch.float64).expand(1, 1, length, head_dim)
+    constant = key.expand(1, 1, length, head_dim)
+    gates = cope_gates(q, constant, causal=False, gate="onset", gate_keys=onset_keys(constant))
+    assert gates.abs().max().item() == 0.0
+
+    stepped = constant.clone()
+    stepped[..., step_at:, :] = 0.0  # the sound stops at step_at and stays off
+    gates = cope_gates(q, stepped, causal=False, gate="onset", gate_keys=onset_keys(stepped))[0, 0]
+    assert (gates[:, step_at] > 0.99).all(), "the gate must open where the input changes"
+    others = [j for j in range(length) if j != step_at]
+    assert gates[:, others].abs().max().item() == 0.0
+    positions = cope_positions(
+        q, stepped, causal=False, gate="onset", gate_keys=onset_keys(stepped)
+    )[0, 0]
+    # a query left of the step sees every key beyond it one event away, and nothing before it
+    assert positions[0, step_at:].tolist() == pytest.approx([-1.0] * (length - step_at), abs=0.01)
+    assert positions[0, :step_at].abs().max().item() == 0.0
+
+
+def test_onset_gates_are_masked_like_qk_gates():
+    generator = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 1, 6, 4, generator=generator) for _ in "qk")
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 3:] = True
+    gates = cope_gates(
+        q, k, causal=True, key_padding_mask=mask, gate="onset", gate_keys=onset_keys(k)
+    )
+    assert gates[0, :, :, 3:].abs().max().item() == 0.0  # padded keys
+    assert torch.triu(gates[1, 0], diagonal=1).abs().max().item() == 0.0  # future keys
+
+
+def test_token_gates_ignore_the_query():
+    generator = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 2, 5, 4, generator=generator) for _ in "qk")
+    logits = torch.randn(1, 2, 5, generator=generator)
+    gates = cope_gates(q, k, causal=False, gate="token", gate_logits=logits)
+    torch.testing.assert_close(gates, torch.sigmoid(logits)[:, :, None, :].expand(1, 2, 5, 5))
+
+
+@pytest.mark.parametrize(
+    ("gate", "extra", "message"),
+    [
+        ("onset", {}, "gate_keys"),
+        ("token", {}, "gate_logits"),
+        ("qk", {"gate_logits": torch.zeros(1, 1, 3)}, "only used by the token gate"),
+        ("frames", {}, "unknown CoPE gate"),
+    ],
+)
+def test_gate_inputs_that_do_not_fit_the_variant_are_refused(gate, extra, message):
+    q = torch.zeros(1, 1, 3, 2)
+    with pytest.raises(ValueError, match=message):
+        cope_attention(q, q, q, torch.zeros(3, 2), gate=gate, **extra)
+
+
+@pytest.mark.parametrize("gate", ["qk", "onset", "token"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_a_classifier_with_each_gate_trains_and_records_its_gates(gate, causal):
+    from encoders.frontends import FeatureFrontend
+
+    config = EncoderConfig(dim=16, depth=1, heads=2, mlp_dim=32, causal=causal, cope_gate=gate)
+    model = SequenceClassifier(FeatureFrontend(5, 16), config, num_classes=3)
+    inputs = torch.randn(2, 7, 5)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    with torch.no_grad():  # the zero-initialised table gives the gates no gradient yet
+        model.encoder.blocks[0].attention.positions.cope.pos_emb.normal_()
+    model(inputs, mask).sum().backward()
+    head = model.encoder.blocks[0].attention.positions.gate_head
+    assert (head is not None) == (gate == "token")
+    if head is not None:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    set_recording(model, True)
+    model(inputs, mask)
+    layer = model.encoder.blocks[0].attention.positions
+    assert layer.last_gates is not None and layer.last_gates.shape == (2, 2, 8, 8)
+    assert recorded_layers(model)[0]["positions"] is not None
+
+
+def test_unknown_gate_in_the_encoder_config_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="qk, onset, token"):
+        EncoderConfig(cope_gate="frames")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import bad_inputs
 import pytest
+import torch
 from test_cli import assert_user_error, cope
 
 from recipes.engine import rundir
@@ -151,6 +152,28 @@ def out_below_a_file(tmp: Path, runs: dict[str, Path]) -> list[str]:
     return ["train", "tiny-majority", "--steps", "1", "--out", str(tmp / "blocker" / "runs")]
 
 
+def sweep_file(text: str) -> Setup:
+    """`cope sweep FILE` with FILE holding ``text``."""
+
+    def setup(tmp: Path, runs: dict[str, Path]) -> list[str]:
+        path = tmp / "sweep.toml"
+        path.write_text(text)
+        return ["sweep", str(path), "--out", str(tmp / "runs")]
+
+    return setup
+
+
+def folder_run_without_data(tmp: Path, runs: dict[str, Path]) -> list[str]:
+    """`cope eval` of a finished npy-folder run whose data folder has since been deleted."""
+    data = bad_inputs.npy_class_folder(tmp / "data")
+    result = cope("train", "npy-folder", "--pe", "abs", "--steps", "1", "--data-dir", data,
+                  *TINY_AUDIO, "--out", tmp / "copy")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(data)
+    (run,) = rundir.find_runs(tmp / "copy")
+    return ["eval", str(run)]
+
+
 def other_checkpoint(source: str, target: str) -> Setup:
     """`cope eval` of a run of ``target`` whose best.pt was trained for ``source``."""
 
@@ -176,7 +199,23 @@ FATAL = [
     Fatal("negative steps", train("counting", "--set", "train.steps=-5"), "must not be negative"),
     Fatal("unknown optimiser", train("counting", "--set", "train.optimizer=sgd"), "adamw"),
     Fatal("heads not dividing dim", train("counting", "--set", "model.heads=5"), "heads"),
-    # recipe files
+    Fatal("dropout above one", train("counting", "--set", "model.dropout=1.5"), "model.dropout"),
+    Fatal("CoPE cap of zero", train("counting", "--set", "model.npos=0"), "model.npos"),
+    Fatal("max_len below the data", train("counting", "--set", "model.max_len=8"), "model.max_len"),
+    Fatal("unknown device", train("counting", "--device", "tpu"), "train.device must be"),
+    *(
+        []
+        if torch.cuda.is_available()
+        else [
+            Fatal("cuda without a GPU", train("counting", "--device", "cuda"), "no CUDA GPU"),
+            Fatal(
+                "triton kernel without a GPU",
+                train("counting", "--set", "model.cope_impl=triton"),
+                "needs a CUDA GPU",
+            ),
+        ]
+    ),  # fmt: skip
+    # recipe and sweep files
     Fatal("malformed TOML", recipe_file('recipe = "counting\n'), "not valid TOML"),
     Fatal("recipe file not UTF-8", recipe_file(b'recipe = "counting"\n\xff\xfe\n'), "not UTF-8"),
     Fatal(
@@ -195,6 +234,17 @@ FATAL = [
         "model.width",
     ),  # fmt: skip
     Fatal("recipe file names no recipe", recipe_file("[train]\nsteps = 3\n"), "name a recipe"),
+    Fatal("sweep file malformed", sweep_file("recipes = [counting\n"), "not valid TOML"),
+    Fatal(
+        "sweep of an unknown recipe",
+        sweep_file('recipes = ["nope"]\npes = ["abs"]\n'),
+        "unknown recipe 'nope'",
+    ),  # fmt: skip
+    Fatal(
+        "sweep of an unknown encoding",
+        sweep_file('recipes = ["counting"]\npes = ["ropey"]\n'),
+        "unknown position encoding 'ropey'",
+    ),  # fmt: skip
     # data folders
     Fatal("no --data-dir", train("audio-folder", "--steps", "1"), "--data-dir"),
     Fatal("missing audio folder", folder_recipe("audio-folder", None), "not found"),
@@ -204,6 +254,8 @@ FATAL = [
     Fatal("missing npy folder", folder_recipe("npy-folder", None), "does not exist"),
     Fatal("empty npy folder", folder_recipe("npy-folder", Path.mkdir), "no class sub-folders"),
     Fatal("only bad arrays", folder_recipe("npy-folder", only_bad_npy), "npy"),
+    Fatal("npy data-dir is a file", folder_recipe("npy-folder", a_file), "data"),
+    Fatal("video data-dir is a file", folder_recipe("video-folder", a_file), "data"),
     Fatal("missing video folder", folder_recipe("video-folder", None), "does not exist"),
     Fatal("empty video folder", folder_recipe("video-folder", Path.mkdir), "no video files"),
     Fatal(
@@ -238,6 +290,7 @@ FATAL = [
         damaged_run("tiny-majority-tf/abs", truncate("config.json", 9)),
         "config.json",
     ),  # fmt: skip
+    Fatal("data folder of a run deleted", folder_run_without_data, "does not exist"),
     # output folder that cannot be written (simulated: we run as root)
     Fatal("--out is a regular file", out_is_a_file, "cannot create run directories"),
     Fatal("--out below a regular file", out_below_a_file, "choose another --out"),

@@ -69,6 +69,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE_INTS = ("train.batch_size", "train.eval_batch_size", "train.log_every", "model.dim")
+AT_LEAST_ONE_IF_SET = ("model.heads", "model.mlp_dim", "model.max_len", "model.npos")
 NON_NEGATIVE = (
     "train.steps",
     "train.epochs",
@@ -252,6 +253,12 @@ def validate_config(config: Config) -> None:
     for key in NON_NEGATIVE:
         if key in config and config[key] < 0:
             raise UserError(f"{key} must not be negative, got {config[key]!r}")
+    for key in AT_LEAST_ONE_IF_SET:  # the encoders raise ValueError on these (a traceback)
+        if config.get(key) is not None and config[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {config[key]!r}")
+    dropout = config.get("model.dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {dropout!r}")
     if config.get("train.steps", 0) == 0 and config.get("train.epochs", 0) == 0:
         raise UserError("train.steps or train.epochs must be positive")
     validate_position_encoding(config["model.pe"])

@@ -72,7 +72,7 @@ def load_run(
     torch.manual_seed(config["train.seed"])
     model = recipe.build_model(config, bundle.info)
     load_model_state(model, state, weights)
-    target = resolve_device(device)
+    target = resolve_device(device, config)
     model.to(target).eval()
     return LoadedRun(run_dir, recipe, config, bundle, model, weights, target)
 

@@ -105,13 +105,29 @@ class RunResult:
     is_main: bool = True  # False on the other ranks of a torchrun job (they render nothing)
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without a GPU is a UserError."""
+def resolve_device(requested: str, config: Config | None = None) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without a GPU is a UserError.
+
+    With ``config``, options that need a GPU (the Triton CoPE kernel) are checked too, so
+    the mistake is caught before a run directory exists rather than in the first forward.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA GPU is available")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(requested)
+    device = torch.device(requested)
+    if (
+        config is not None
+        and config.get("model.cope_impl") == "triton"
+        and "cope" in str(config.get("model.pe", ""))
+        and device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"  # the tests' CPU interpreter
+    ):
+        raise UserError(
+            f"model.cope_impl=triton needs a CUDA GPU but the device is {device.type}; "
+            "use model.cope_impl=auto or blockwise"
+        )
+    return device
 
 
 def configure_threads(device: torch.device, context: DistContext) -> None:
@@ -252,7 +268,7 @@ def train(
     options = options or TrainOptions()
     observer = observer or TrainObserver()
     recipe = get_recipe(recipe_name)
-    device = resolve_device(config["train.device"])
+    device = resolve_device(config["train.device"], config)
     context = init_distributed(device)
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)

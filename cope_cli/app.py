@@ -131,6 +131,13 @@ RecipeFileOption = Annotated[
     Path | None,
     typer.Option(help="TOML file of options (and optionally recipe = ..., preset = ...)."),
 ]
+CopeGateOption = Annotated[
+    str | None,
+    typer.Option(
+        help="CoPE gate (model.cope_gate): qk (the paper's), onset (changes between neighbouring "
+        "keys), token (a per-token head). Default: qk."
+    ),
+]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Train again even if an identical finished run exists.")
 ]
@@ -147,6 +154,7 @@ def _resolve(
     epochs: int | None,
     device: str | None,
     sets: list[str] | None,
+    cope_gate: str | None = None,
 ) -> tuple[str, str | None, dict[str, Any]]:
     """Recipe name, preset and the keyword arguments of resolve_config from CLI options."""
     from recipes.base import UserError
@@ -167,6 +175,7 @@ def _resolve(
         raise UserError("give --steps or --epochs, not both")
     cli_options: dict[str, Any] = {
         "model.pe": pe,
+        "model.cope_gate": cope_gate,
         "train.seed": seed,
         "train.steps": steps,
         "train.epochs": epochs if epochs is not None else (0 if steps is not None else None),
@@ -223,6 +232,7 @@ def train_command(
         str | None,
         typer.Option(help="Position encoding: nope, abs, sin, rope, alibi, rel, cope, cope+rope."),
     ] = None,
+    cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
     epochs: EpochsOption = None,
@@ -266,7 +276,7 @@ def train_command(
 
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
-        epochs=epochs, device=device, sets=set_,
+        epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
     )  # fmt: skip
     recipe_obj = get_recipe(recipe_name)
     config = resolve_config(recipe_obj, preset=preset_name, **layers)
@@ -305,6 +315,7 @@ def config_command(
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
     pe: Annotated[str | None, typer.Option(help="Position encoding.")] = None,
+    cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
     epochs: EpochsOption = None,
@@ -329,7 +340,7 @@ def config_command(
 
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
-        epochs=epochs, device=device, sets=set_,
+        epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
     )  # fmt: skip
     sources: dict[str, str] = {}
     recipe_obj = get_recipe(recipe_name)
@@ -419,6 +430,7 @@ def compare_command(
         int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)
     ] = 3,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    cope_gate: CopeGateOption = None,
     steps: StepsOption = None,
     epochs: EpochsOption = None,
     preset: PresetOption = None,
@@ -450,7 +462,7 @@ def compare_command(
 
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=None, seed=None, steps=steps,
-        epochs=epochs, device=device, sets=set_,
+        epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
     )  # fmt: skip
     get_recipe(recipe_name)
     options = TrainOptions(

@@ -201,3 +201,89 @@ def test_a_classifier_with_each_gate_trains_and_records_its_gates(gate, causal):
 def test_unknown_gate_in_the_encoder_config_lists_the_valid_ones():
     with pytest.raises(ValueError, match="qk, onset, token"):
         EncoderConfig(cope_gate="frames")
+
+
+# --- the option through the CLI, compare, sweep and report -------------------------------------
+
+
+def test_cope_gate_option_reaches_the_runs_config_and_model(tmp_path):
+    import test_engine_support  # noqa: F401  (registers the tiny recipes)
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+    from recipes.engine import rundir
+    from recipes.engine.runs import load_run
+
+    args = ["train", "tiny-majority-tf", "--pe", "cope", "--cope-gate", "token", "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = rundir.find_runs(tmp_path, "tiny-majority-tf", "cope")
+    assert rundir.read_config(run_dir)[1]["model.cope_gate"] == "token"
+    model = load_run(run_dir).model
+    assert model.encoder.blocks[0].attention.positions.gate_head is not None
+
+
+def test_an_unknown_cope_gate_is_a_one_line_user_error():
+    import test_engine_support  # noqa: F401
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    result = CliRunner().invoke(app, ["config", "tiny-majority-tf", "--cope-gate", "frames"])
+    assert result.exit_code == 2 and "qk, onset, token" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_compare_gives_the_gate_to_cope_runs_only(tmp_path, monkeypatch):
+    import test_engine_support  # noqa: F401
+
+    from recipes.engine import compare as compare_module
+
+    captured = []
+    monkeypatch.setattr(compare_module, "run_grid", lambda jobs, **kwargs: captured.extend(jobs))
+    compare_module.compare(
+        "tiny-majority-tf", ["cope", "abs"], [0], cli_options={"model.cope_gate": "onset"}
+    )
+    gates = {job.config["model.pe"]: job.config["model.cope_gate"] for job in captured}
+    assert gates == {"cope": "onset", "abs": "qk"}
+
+
+def test_gates_sweep_runs_each_gate_once_and_each_baseline_once_per_direction():
+    from pathlib import Path
+
+    import recipes.catalog  # noqa: F401  (registers audio-events and moving-shapes)
+    from recipes.engine.compare import load_sweep
+
+    jobs, settings = load_sweep(Path(__file__).parent.parent / "sweeps" / "gates.toml")
+    cells = {
+        (
+            job.recipe,
+            job.config["model.causal"],
+            job.config["model.pe"],
+            job.config["model.cope_gate"],
+            job.config["train.seed"],
+        )
+        for job in jobs
+    }
+    assert len(cells) == len(jobs) == 2 * 2 * 7 * 3  # no run twice
+    for recipe in ("audio-events", "moving-shapes"):
+        for causal in (False, True):
+            for gate in ("qk", "onset", "token"):
+                assert (recipe, causal, "cope", gate, 2) in cells
+            for pe in ("abs", "rope", "rel", "nope"):
+                assert (recipe, causal, pe, "qk", 0) in cells
+    assert settings["pes"] == ["cope", "abs", "rope", "rel", "nope"]
+
+
+def test_report_labels_a_cope_gate_variant_as_its_own_encoding():
+    from pathlib import Path
+
+    from recipes.engine.report import RunRecord, group_runs
+
+    def record(pe, gate):
+        config = {"model.pe": pe, "model.cope_gate": gate, "train.seed": 0, "model.dim": 8}
+        return RunRecord(Path(f"/runs/{pe}-{gate}"), "r", config, {"splits": {}})
+
+    records = [record("cope", "qk"), record("cope", "onset"), record("abs", "qk")]
+    (group,) = group_runs(records)
+    assert [member.pe for member in group.records] == ["cope", "cope[onset]", "abs"]

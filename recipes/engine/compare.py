@@ -71,7 +71,13 @@ def run_grid(
     for index, job in enumerate(jobs, start=1):
         observer.message(
             f"[{index}/{len(jobs)}] {job.recipe} pe={job.config['model.pe']} "
-            f"seed={job.config['train.seed']}" + (f" ({job.variant})" if job.variant else "")
+            + (
+                f"gate={job.config['model.cope_gate']} "
+                if job.config.get("model.cope_gate", "qk") != "qk"
+                else ""
+            )
+            + f"seed={job.config['train.seed']}"
+            + (f" ({job.variant})" if job.variant else "")
         )
         job_options = TrainOptions(**{**options.__dict__, "preset": job.preset})
         run = train(job.recipe, job.config, job_options, observer)
@@ -112,11 +118,16 @@ def compare(
     jobs = []
     for pe in pes:  # resolve (and so validate) every config before training anything
         for seed in seeds:
+            run_options = {**(cli_options or {}), "model.pe": pe, "train.seed": seed}
+            if not pe.startswith("cope"):
+                # --cope-gate means nothing to the baselines: keep their configs (and so their
+                # finished runs) the same whatever gate the CoPE runs use.
+                run_options.pop("model.cope_gate", None)
             config = resolve_config(
                 recipe,
                 preset=preset,
                 file_options=file_options,
-                cli_options={**(cli_options or {}), "model.pe": pe, "train.seed": seed},
+                cli_options=run_options,
                 set_options=set_options,
             )
             jobs.append(Job(recipe_name, config, preset_name))
@@ -141,6 +152,10 @@ def load_sweep(
         [[variants]]                       # optional option sets; each one is a grid axis
         name = "lr-high"
         "train.lr" = 3e-3
+        pes = ["cope"]                     # optional: this variant's encodings (default: pes)
+
+    A variant's own ``pes`` lets options that matter to one encoding (``model.cope_gate``) vary
+    without training the other encodings once per value.
     """
     table = load_toml(path)
     known = {"out", "recipes", "recipe", "pes", "seeds", "preset", "options", "variants"}
@@ -170,7 +185,10 @@ def load_sweep(
         for number, variant in enumerate(variants, start=1):
             variant = dict(variant)
             name = str(variant.pop("name", f"variant{number}" if len(variants) > 1 else ""))
-            for pe in pes:
+            variant_pes = variant.pop("pes", pes)
+            if isinstance(variant_pes, str):
+                variant_pes = parse_pe_list(variant_pes)
+            for pe in variant_pes:
                 for seed in seeds:
                     config = resolve_config(
                         recipe,
@@ -179,7 +197,14 @@ def load_sweep(
                         cli_options={**(overrides or {}), "model.pe": pe, "train.seed": seed},
                     )
                     jobs.append(Job(recipe_name, config, preset_name, name))
-    return jobs, {"out": table.get("out"), "pes": pes}
+    # Report order: the file's pes, then any a variant added.
+    order = list(pes)
+    for variant in variants:
+        extra = variant.get("pes", [])
+        for pe in parse_pe_list(extra) if isinstance(extra, str) else extra:
+            if pe not in order:
+                order.append(pe)
+    return jobs, {"out": table.get("out"), "pes": order}
 
 
 def sweep(

@@ -28,8 +28,9 @@ _T_975 = [
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 ]  # fmt: skip
 
-# Keys that name a run within a group rather than distinguish groups.
-_RUN_KEYS = ("model.pe", "train.seed")
+# Keys that name a run within a group rather than distinguish groups (a CoPE gate variant is
+# shown as an encoding of its own, e.g. "cope[onset]", beside the baselines).
+_RUN_KEYS = ("model.pe", "train.seed", "model.cope_gate")
 
 
 def t_quantile_975(degrees_of_freedom: int) -> float:
@@ -77,7 +78,10 @@ class RunRecord:
 
     @property
     def pe(self) -> str:
-        return self.config["model.pe"]
+        """The encoding's label: model.pe, with a non-default CoPE gate appended in brackets."""
+        pe = self.config["model.pe"]
+        gate = self.config.get("model.cope_gate", "qk")
+        return f"{pe}[{gate}]" if pe.startswith("cope") and gate not in (None, "qk") else pe
 
     @property
     def seed(self) -> int:

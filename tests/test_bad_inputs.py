@@ -385,3 +385,47 @@ def test_a_minute_long_clip_is_cropped_to_max_seconds(tmp_path: Path) -> None:
         dataset[index]["inputs"].shape[0] for dataset in datasets for index in range(len(dataset))
     ]
     assert max(frames) == 201  # 2 s at a 10 ms hop (+1 centred frame), not 6001
+
+
+# --- options Click itself rejects (before any cope code runs) -----------------------------------
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "counting", "--steps", "0"], "Invalid value for '--steps'"),
+        (["train", "counting", "--steps", "many"], "Invalid value for '--steps'"),
+        (["train", "counting", "--stepz", "3"], "No such option: --stepz"),
+        (["compare", "counting", "--seeds", "0"], "Invalid value for '--seeds'"),
+        (["positions", "somewhere", "--example", "x"], "Invalid value for '--example'"),
+    ],
+    ids=["steps zero", "steps text", "misspelt option", "zero seeds", "example text"],
+)
+def test_option_parse_errors_exit_2_with_the_option_named_and_no_traceback(
+    args: list[str], fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typer's own usage errors are a boxed message (not an `error:` line), still one sentence."""
+    monkeypatch.chdir(tmp_path)
+    result = cope(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert fragment in " ".join(result.output.replace("│", " ").split()), result.output
+    assert not (tmp_path / "runs").exists()
+
+
+# --- the real speech recipe: bad clips skipped, odd formats read, long clips cropped -------------
+def test_speech_commands_skips_bad_clips_and_reads_odd_formats(tmp_path: Path) -> None:
+    from audio_fixtures import speech_commands_tree
+
+    data_dir = tmp_path / "data"
+    tree = speech_commands_tree(
+        data_dir / "speech_commands_v0.02", words=("yes", "no", "cat"), per_word=(3, 1, 1)
+    )
+    items = {**bad_inputs.AUDIO_ITEMS, **bad_inputs.VALID_AUDIO_ITEMS}
+    for name, make in items.items():  # training clips: in neither list file
+        make(tree.root / "yes" / f"odd{name.replace('-', '')}_nohash_0.wav")
+    out = tmp_path / "runs"
+    arguments = ["train", "speech-commands", "--pe", "rope", "--steps", "1", "--data-dir", data_dir]
+    result = cope(*arguments, *TINY_AUDIO, "--set", "data.protocol=35", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "skipped 4 unreadable" in result.output and "Traceback" not in result.output
+    record = data_record(out)
+    assert record["skipped"] == len(bad_inputs.AUDIO_ITEMS)
+    assert record["train_size"] == 3 * 3 + len(bad_inputs.VALID_AUDIO_ITEMS)

@@ -574,10 +574,15 @@ def positions_command(
 
     Above them: the recipe's example signal (spectrogram, frames or tokens; onsets marked).
 
+    With onsets (audio-events, moving-shapes), CoPE runs also get the readout query's gates and
+    positions over time, and an event-alignment score per layer: the share of position steps
+    (floor |p| changing between neighbouring keys) within one token of a true onset.
+
     Runs with other encodings get attention maps only.
 
     Example: cope positions runs/counting/cope/seed0-20250101-120000 --example 3
     """
+    from recipes.engine.alignment import mean_score
     from recipes.engine.heatmaps import plot_positions
 
     paths, summary = plot_positions(
@@ -588,6 +593,15 @@ def positions_command(
     else:
         caps = ", ".join(f"{value:.1f}" for value in summary["max_position"])
         console.print(f"largest |p_ij| per layer: {caps}", highlight=False)
+    for index, heads in enumerate(summary.get("alignment") or []):
+        per_head = ", ".join(
+            f"{head['precision']:.2f} ({head['increments']} steps)" for head in heads
+        )
+        console.print(
+            f"layer {index} event alignment {mean_score(heads):.2f} "
+            f"(recall of onsets {mean_score(heads, 'recall'):.2f}); per head: {per_head}",
+            highlight=False,
+        )
     for path in paths:
         console.print(f"wrote {path}", highlight=False)
 

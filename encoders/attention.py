@@ -78,7 +78,8 @@ class MultiHeadAttention(nn.Module):
     """Self-attention over (B, T, dim) with a pluggable per-layer position encoding.
 
     While ``record`` is on, ``last_record`` holds ``{"attention": (B, H, T, T), "positions":
-    (B, H, T, T) or None}`` from the latest forward (positions: CoPE's contextual positions).
+    (B, H, T, T) or None}`` from the latest forward (positions: CoPE's contextual positions),
+    and for CoPE also ``"gates"`` (B, H, T, T).
     No dropout on attention weights: CoPE's kernel has none, and every encoding must train
     under the same regularisation (the blocks drop out on their residual branches).
     """
@@ -130,4 +131,7 @@ class MultiHeadAttention(nn.Module):
                 "attention": weights.detach(),
                 "positions": None if positions is None else positions.detach(),
             }
+            gates = getattr(self.positions, "last_gates", None)
+            if gates is not None:  # CoPE's gates g_ij (B, H, T, T), for plots of what it counts
+                self.last_record["gates"] = gates
         return self.out(rearrange(out.to(x.dtype), "b h t d -> b t (h d)"))

@@ -6,6 +6,10 @@ weights and, for CoPE, its contextual positions, each (B, H, T, T). One PNG per 
 per head, positions (top) and attention (bottom), with the recipe's
 :meth:`~recipes.base.Recipe.example_signal` (spectrogram, frames or token labels) above them
 and true event onsets marked.
+
+For CoPE on a signal with onsets it also draws ``gates`` PNG: the readout query's gates and
+positions over the tokens, per layer and head, beside the signal with the onsets marked, and
+scores how well the positions' increments fall on onsets (:mod:`recipes.engine.alignment`).
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ def record_example(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[s
     ]
 
 
-def _token_offset(tokens: int, signal: dict[str, Any] | None) -> float:
-    """Extra tokens (a CLS token) before the signal's first token in the recorded maps."""
+def _token_offset(tokens: int, signal: dict[str, Any] | None, trailing: int = 0) -> float:
+    """Extra tokens (a CLS token) before the signal's first token in the recorded maps.
+
+    ``trailing``: tokens after the signal (a causal classifier's readout token).
+    """
+    tokens -= trailing
     if not signal or "image" not in signal:
         return tokens - len(signal.get("labels", [])) if signal else 0
     frames = signal["image"].shape[1] if signal["kind"] == "spectrogram" else len(signal["image"])
@@ -99,8 +107,12 @@ def plot_layer(
     signal: dict[str, Any] | None,
     path: Path,
     max_heads: int = 8,
+    trailing: int = 0,
 ) -> Path:
-    """One layer's figure: positions and attention of each head of the first batch row."""
+    """One layer's figure: positions and attention of each head of the first batch row.
+
+    ``trailing``: tokens after the signal (a causal readout), so onsets are placed right.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +124,7 @@ def plot_layer(
     positions = positions[0] if positions is not None else None
     heads = min(attention.shape[0], max_heads)
     tokens = attention.shape[-1]
-    offset = _token_offset(tokens, signal)
+    offset = _token_offset(tokens, signal, trailing)
     # Token labels go on the heatmaps' axes; spectrograms and frames get a row of their own.
     labels = list(signal.get("labels", [])) if signal and signal.get("kind") == "tokens" else []
     signal_row = bool(signal) and not labels
@@ -164,6 +176,94 @@ def plot_layer(
     return path
 
 
+def _readout_trailing(loaded: Any) -> int:
+    """1 when the model appends a readout token after the signal (causal CLS classifier)."""
+    from encoders.transformer import SequenceClassifier
+
+    config = loaded.config
+    causal_readout = config.get("model.causal") and config.get("model.pooling", "cls") == "cls"
+    return 1 if causal_readout and isinstance(loaded.model, SequenceClassifier) else 0
+
+
+def alignment_of_layers(
+    layers: list[dict[str, Any]], signal: dict[str, Any] | None, *, causal: bool, trailing: int
+) -> list[list[dict[str, Any]]] | None:
+    """Per layer and head, the readout query's event alignment; None without onsets/positions."""
+    from recipes.engine.alignment import layer_alignment
+
+    if not signal or not signal.get("onsets") or layers[0].get("positions") is None:
+        return None
+    tokens = layers[0]["positions"].shape[-1]
+    offset = int(_token_offset(tokens, signal, trailing))
+    return [
+        layer_alignment(
+            layer["positions"][0],
+            signal["onsets"],
+            offset=offset,
+            signal_tokens=tokens - offset - trailing,
+            causal=causal,
+        )
+        for layer in layers
+    ]
+
+
+def plot_gates_over_time(
+    layers: list[dict[str, Any]],
+    signal: dict[str, Any],
+    path: Path,
+    *,
+    causal: bool,
+    trailing: int = 0,
+    alignment: list[list[dict[str, Any]]] | None = None,
+    max_heads: int = 8,
+) -> Path:
+    """The readout query's gates and positions over the tokens, per layer, under the signal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from recipes.engine.alignment import readout_query
+
+    tokens = layers[0]["positions"].shape[-1]
+    offset = _token_offset(tokens, signal, trailing)
+    query = readout_query(tokens, causal=causal)
+    onsets = [offset + onset for onset in signal.get("onsets", []) or []]
+    rows = 1 + 2 * len(layers)
+    figure, grid = plt.subplots(
+        rows, 1, figsize=(10, 1.6 * rows + 0.5), squeeze=False, sharex=True,
+        gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 1)},
+    )  # fmt: skip
+    _draw_signal(grid[0][0], signal, tokens, offset)
+    steps = range(tokens)
+    for index, layer in enumerate(layers):
+        gates = layer.get("gates")
+        for row, (name, values) in enumerate(
+            (("gates g", gates), ("positions p", layer["positions"]))
+        ):
+            axes = grid[1 + 2 * index + row][0]
+            if values is None:
+                axes.text(0.5, 0.5, "not recorded", ha="center", transform=axes.transAxes)
+                continue
+            for head in range(min(values.shape[1], max_heads)):
+                label = f"head {head}"
+                if alignment is not None and row == 1:
+                    score = alignment[index][head]
+                    label += f" (align {score['precision']:.2f}, recall {score['recall']:.2f})"
+                axes.plot(steps, values[0, head, query].numpy(), linewidth=0.9, label=label)
+            for onset in onsets:
+                axes.axvline(onset, color="red", linewidth=0.6, alpha=0.7)
+            axes.set_ylabel(f"L{index} {name}", fontsize=7)
+            if row == 1:
+                axes.legend(fontsize=5, loc="best", ncol=2)
+    grid[-1][0].set_xlabel(f"key j (query {query}: the readout); red: true onsets", fontsize=7)
+    grid[-1][0].set_xlim(-0.5, tokens - 0.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_positions(
     run_dir: Path,
     *,
@@ -195,10 +295,26 @@ def plot_positions(
     signal = loaded.recipe.example_signal(item, loaded.bundle.info)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "positions"
     out_dir.mkdir(parents=True, exist_ok=True)
+    trailing = _readout_trailing(loaded)
+    causal = bool(loaded.config.get("model.causal"))
     paths = [
-        plot_layer(layer, index, signal, out_dir / f"{split}-{example}-layer{index}.png")
+        plot_layer(
+            layer, index, signal, out_dir / f"{split}-{example}-layer{index}.png", trailing=trailing
+        )
         for index, layer in enumerate(layers)
     ]
+    alignment = alignment_of_layers(layers, signal, causal=causal, trailing=trailing)
+    if alignment is not None:
+        paths.append(
+            plot_gates_over_time(
+                layers,
+                signal,
+                out_dir / f"{split}-{example}-gates.png",
+                causal=causal,
+                trailing=trailing,
+                alignment=alignment,
+            )
+        )
     summary = {
         "pe": loaded.config["model.pe"],
         "layers": len(layers),
@@ -208,5 +324,6 @@ def plot_positions(
             float(layer["positions"].abs().max()) if layer.get("positions") is not None else None
             for layer in layers
         ],
+        "alignment": alignment,  # per layer, per head: precision (the score), recall, counts
     }
     return paths, summary

@@ -50,6 +50,8 @@ def read_audio(path: Path | str, sample_rate: int) -> torch.Tensor:
         raise AudioReadError(f"{path}: {error}") from error
     if samples.size == 0:
         raise AudioReadError(f"{path}: no samples")
+    if not np.isfinite(samples).all():  # float WAVs can hold NaN/inf; they would poison training
+        raise AudioReadError(f"{path}: NaN or infinite samples")
     wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
     return resample(wave, file_rate, sample_rate)
 
@@ -167,8 +169,13 @@ class MelAnalyzer:
     @torch.no_grad()
     def mel_db(self, waves: torch.Tensor) -> torch.Tensor:
         """(..., samples) waveforms -> (..., frames, mels) mel power in dB, no floor applied."""
+        samples = waves.shape[-1]
+        shortest = self.mel.n_fft // 2 + 1  # the centred STFT's reflect padding needs this many
+        if samples < shortest:  # a clip shorter than half a window: pad with silence, crop after
+            waves = torch.nn.functional.pad(waves, (0, shortest - samples))
         power = self.mel(waves.float())  # (..., mels, frames)
-        return (10.0 * torch.log10(power.clamp_min(POWER_FLOOR))).transpose(-1, -2)
+        mel_db = (10.0 * torch.log10(power.clamp_min(POWER_FLOOR))).transpose(-1, -2)
+        return mel_db[..., : self.frames(samples), :]
 
     def finish(self, mel_db: torch.Tensor) -> torch.Tensor:
         """(..., frames, mels) mel_db -> (..., frames, n_features): floored, DCT for MFCC."""

@@ -55,6 +55,23 @@ def zero_sample_wav(path: Path) -> Path:
     return write_wav(path, np.zeros(0, np.float32))
 
 
+def nan_wav(path: Path) -> Path:
+    """A float WAV whose samples include NaN (soundfile reads it; training must not)."""
+    wave = tone(0.3)
+    wave[100:200] = np.nan
+    return write_wav(path, wave, subtype="FLOAT")
+
+
+def one_sample_wav(path: Path) -> Path:
+    """Valid audio: a clip of a single sample (shorter than one analysis window)."""
+    return write_wav(path, np.full(1, 0.1, np.float32))
+
+
+def five_ms_wav(path: Path) -> Path:
+    """Valid audio: 5 ms, shorter than half of the 25 ms analysis window."""
+    return write_wav(path, tone(0.005))
+
+
 def wav_8bit(path: Path) -> Path:
     """Valid audio: unsigned 8-bit PCM."""
     return write_wav(path, tone(0.5, pitch=300.0), subtype="PCM_U8")
@@ -80,12 +97,15 @@ AUDIO_ITEMS: dict[str, Callable[[Path], Path]] = {
     "truncated": truncated_wav,
     "not-audio": not_audio_wav,
     "zero-samples": zero_sample_wav,
+    "nan-samples": nan_wav,
 }
 VALID_AUDIO_ITEMS: dict[str, Callable[[Path], Path]] = {
     "8-bit": wav_8bit,
     "24-bit": wav_24bit,
     "float": wav_float,
     "very-long": very_long_wav,
+    "one-sample": one_sample_wav,
+    "5-ms": five_ms_wav,
 }
 
 
@@ -127,11 +147,31 @@ def npy_not_numpy(path: Path, features: int = 4) -> Path:
     return path
 
 
+def npy_infinite(path: Path, features: int = 4) -> Path:
+    """A float array of infinities."""
+    return _save(path, np.full((6, features), np.inf, np.float32))
+
+
+def npy_rank_one(path: Path, features: int = 4) -> Path:
+    """A 1-D array (no feature axis)."""
+    return _save(path, np.ones(6, np.float32))
+
+
+def npy_objects(path: Path, features: int = 4) -> Path:
+    """An object array (stored with pickle, which the recipe must not unpickle)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.array([{"frames": 6}], dtype=object), allow_pickle=True)
+    return path
+
+
 NPY_ITEMS: dict[str, Callable[..., Path]] = {
     "nan": npy_with_nan,
     "wrong-rank": npy_wrong_rank,
     "wrong-dtype": npy_wrong_dtype,
     "not-numpy": npy_not_numpy,
+    "infinite": npy_infinite,
+    "rank-one": npy_rank_one,
+    "objects": npy_objects,
 }
 
 
@@ -159,9 +199,27 @@ def empty_video(path: Path) -> Path:
     return path
 
 
+def text_named_video(path: Path) -> Path:
+    """A text file named .mp4 (a mislabelled file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a video\n")
+    return path
+
+
+def truncated_video(path: Path) -> Path:
+    """A valid MPEG-4 file cut in half (its index, written last, is lost)."""
+    from video_fixtures import coloured_frames, write_video
+
+    write_video(path, coloured_frames(8, (90, 200, 90), size=16), codec="mpeg4")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
 VIDEO_ITEMS: dict[str, Callable[[Path], Path]] = {
     "corrupt": corrupt_video,
     "empty": empty_video,
+    "text": text_named_video,
+    "truncated": truncated_video,
 }
 
 

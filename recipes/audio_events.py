@@ -295,18 +295,31 @@ class EventClips(Dataset):
     """Items {"inputs": (frames, mels + questions), "targets": answer, "question", "onsets"}."""
 
     def __init__(
-        self, data: dict[str, Any], settings: EventSettings, mean: Tensor, std: Tensor
+        self,
+        data: dict[str, Any],
+        settings: EventSettings,
+        mean: Tensor,
+        std: Tensor,
+        deltas: bool = False,
     ) -> None:
         self.features = Ragged(data["features"]["flat"], data["features"]["offsets"])
         self.data = data
         self.settings = settings
         self.mean, self.std = mean, std
+        self.deltas = deltas  # data.deltas: append 1st and 2nd time differences (change cues)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = (self.features[index] - self.mean) / self.std
+        if self.deltas:  # as AudioFeatures(deltas=True); computed here so the cache is shared
+            import torchaudio
+
+            first = torchaudio.functional.compute_deltas(features.T)
+            features = torch.cat(
+                (features, first.T, torchaudio.functional.compute_deltas(first).T), 1
+            )
         question = int(self.data["questions"][index])
         one_hot = torch.zeros(features.shape[0], self.settings.n_questions)
         one_hot[:, question] = 1.0
@@ -370,6 +383,7 @@ class AudioEvents(Recipe):
         "data.slow_factor": 2.0,
         "data.train_size": 3000,
         "data.eval_size": 400,
+        "data.deltas": False,  # append delta and delta-delta features (issue 10: change cues)
         "model.dim": 64,
         "model.depth": 2,
         "model.heads": 4,
@@ -411,7 +425,8 @@ class AudioEvents(Recipe):
         data = cached(root / "audio-events" / f"clips-{key}.pt", lambda: generate_all(settings))
         train_features = data["train"]["features"]["flat"]
         mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-3)
-        datasets = {name: EventClips(data[name], settings, mean, std) for name in SPLITS}
+        deltas = bool(config.get("data.deltas", False))
+        datasets = {name: EventClips(data[name], settings, mean, std, deltas) for name in SPLITS}
         splits = {
             name: Split(
                 datasets[name], ood=name in ("slow", "more-events"), description=SPLITS[name][3]
@@ -420,7 +435,7 @@ class AudioEvents(Recipe):
         }
         info = {
             "num_classes": settings.num_classes,
-            "feature_dim": settings.n_mels,
+            "feature_dim": settings.n_mels * (3 if deltas else 1),
             "n_questions": settings.n_questions,
             "max_len": longest_tokens(data) + 1,  # + the classifier's CLS token
             "train_max_len": longest_tokens({"train": data["train"]}) + 1,

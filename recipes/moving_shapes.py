@@ -254,12 +254,14 @@ class MovingShapesDataset(Dataset):
         size: int,
         speed: str = "normal",
         tubelet_frames: int = 2,
+        frame_diff: bool = False,
     ) -> None:
         if speed not in ("normal", "slow", "fast"):
             raise ValueError(f"speed must be normal, slow or fast, got {speed!r}")
         spec.check()
         self.spec, self.seed, self.stream, self.size = spec, seed, stream, size
         self.speed, self.tubelet_frames = speed, tubelet_frames
+        self.frame_diff = frame_diff  # data.frame_diff: a second channel, frame t minus t-1
 
     def __len__(self) -> int:
         return self.size
@@ -297,6 +299,9 @@ class MovingShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip = self.clip(index)
         inputs = torch.from_numpy(clip.frames).float().div_(255.0)[:, None]  # (T, 1, H, W)
+        if self.frame_diff:  # change cue (issue 10): signed difference, 0 on the first frame
+            previous = torch.cat((inputs[:1], inputs[:-1]))
+            inputs = torch.cat((inputs, inputs - previous), dim=1)  # (T, 2, H, W)
         onsets = torch.full((MAX_ONSETS,), -1, dtype=torch.long)
         kept = clip.onsets[:MAX_ONSETS]
         onsets[: len(kept)] = torch.tensor(kept, dtype=torch.long)
@@ -384,6 +389,7 @@ class MovingShapes(Recipe):
         "data.max_nth": 3,
         "data.questions": "nth",
         "data.noise": 0.0,
+        "data.frame_diff": False,  # add a frame-difference channel (issue 10: change cues)
         **VIDEO_MODEL_DEFAULTS,
         "train.steps": 1500,
         "train.batch_size": 32,
@@ -417,6 +423,7 @@ class MovingShapes(Recipe):
                 size=size,
                 speed=speed,
                 tubelet_frames=tubelet,
+                frame_diff=bool(config.get("data.frame_diff", False)),
             )
 
         longer = long_spec(spec, config)
@@ -443,7 +450,7 @@ class MovingShapes(Recipe):
         longest_frames = max(max_frames(spec, 2.0), max_frames(longer)) + tubelet
         info = {
             "num_classes": max(spec.kinds, longer.max_events + 1),
-            "channels": 1,
+            "channels": 2 if config.get("data.frame_diff", False) else 1,
             "frame_size": spec.size,
             "max_frames": longest_frames,
             "question_frames": tubelet,

@@ -287,3 +287,69 @@ def test_report_labels_a_cope_gate_variant_as_its_own_encoding():
     records = [record("cope", "qk"), record("cope", "onset"), record("abs", "qk")]
     (group,) = group_runs(records)
     assert [member.pe for member in group.records] == ["cope", "cope[onset]", "abs"]
+
+
+def test_a_run_saved_before_cope_gate_existed_is_reused_as_a_qk_run(tmp_path):
+    import json
+
+    import test_engine_support  # noqa: F401
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+    from recipes.engine import rundir
+
+    args = ["train", "tiny-majority-tf", "--pe", "cope", "--steps", "2", "--out", str(tmp_path)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (run_dir,) = rundir.find_runs(tmp_path, "tiny-majority-tf", "cope")
+    saved = json.loads((run_dir / rundir.CONFIG_FILE).read_text())
+    del saved["config"]["model.cope_gate"]  # as written before the option existed
+    (run_dir / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    assert rundir.read_config(run_dir)[1]["model.cope_gate"] == "qk"
+    result = CliRunner().invoke(app, [*args, "--cope-gate", "qk"])
+    # found identical: `cope train` refuses to repeat it (compare and sweep would reuse it)
+    assert result.exit_code == 2 and "with this configuration exists" in result.output
+
+
+# --- change cues in the frontends' inputs (data.deltas, data.frame_diff) -----------------------
+
+
+def test_audio_events_deltas_append_first_and_second_differences(tmp_path):
+    import torchaudio
+
+    from recipes.audio_events import AudioEvents
+    from recipes.base import pad_collate
+
+    config = {**AudioEvents.defaults, "data.train_size": 8, "data.eval_size": 4}
+    recipe = AudioEvents()
+    plain = recipe.build_data(config, tmp_path, download=False)
+    with_deltas = recipe.build_data({**config, "data.deltas": True}, tmp_path, download=False)
+    mels = plain.info["feature_dim"]
+    assert with_deltas.info["feature_dim"] == 3 * mels
+    item, delta_item = plain.train[0], with_deltas.train[0]
+    static = item["inputs"][:, :mels]
+    first = torchaudio.functional.compute_deltas(static.T).T
+    torch.testing.assert_close(delta_item["inputs"][:, :mels], static)
+    torch.testing.assert_close(delta_item["inputs"][:, mels : 2 * mels], first)
+    torch.testing.assert_close(delta_item["inputs"][:, 3 * mels :], item["inputs"][:, mels:])
+    model = recipe.build_model({**config, "data.deltas": True}, with_deltas.info)
+    batch = pad_collate([with_deltas.train[0], with_deltas.train[1]])
+    assert model(batch["inputs"], batch["padding_mask"]).shape[0] == 2
+
+
+def test_moving_shapes_frame_diff_adds_a_channel_of_frame_differences():
+    from recipes.base import pad_collate
+    from recipes.moving_shapes import MovingShapes
+
+    config = {**MovingShapes.defaults, "data.train_size": 4, "data.eval_size": 4}
+    recipe = MovingShapes()
+    plain = recipe.build_data(config, None, False)
+    with_diff = recipe.build_data({**config, "data.frame_diff": True}, None, False)
+    assert with_diff.info["channels"] == 2
+    frames = plain.train[0]["inputs"][:, 0]
+    inputs = with_diff.train[0]["inputs"]
+    torch.testing.assert_close(inputs[:, 0], frames)
+    torch.testing.assert_close(inputs[1:, 1], frames[1:] - frames[:-1])
+    assert inputs[0, 1].abs().max() == 0
+    model = recipe.build_model({**config, "data.frame_diff": True}, with_diff.info)
+    batch = pad_collate([with_diff.train[0], with_diff.train[1]])
+    assert model(batch["inputs"], batch["padding_mask"]).shape[0] == 2

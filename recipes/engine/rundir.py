@@ -120,12 +120,25 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is damaged (not valid JSON: {error})") from None
 
 
+# Options added after runs were saved, with the value that reproduces what those runs did ("*":
+# every recipe). A saved config without the key gets this value, so older finished runs are
+# still found identical (reused) and group with new ones in reports.
+ADDED_KEYS: dict[str, Config] = {
+    "*": {"model.cope_gate": "qk"},
+    "audio-events": {"data.deltas": False},
+    "moving-shapes": {"data.frame_diff": False},
+}
+
+
 def read_config(run_dir: Path) -> tuple[str, Config]:
     """The recipe name and resolved config a run directory was started with."""
     data = read_json(Path(run_dir) / CONFIG_FILE)
     if not isinstance(data, dict) or "recipe" not in data or "config" not in data:
         raise UserError(f"{run_dir / CONFIG_FILE} is not a cope run config")
-    return data["recipe"], data["config"]
+    recipe, config = data["recipe"], data["config"]
+    for added in (ADDED_KEYS["*"], ADDED_KEYS.get(recipe, {})):
+        config = {**added, **config}
+    return recipe, config
 
 
 def write_config(

@@ -223,8 +223,10 @@ class AudioFolder(Recipe):
             members = [i for i, where in enumerate(split_of) if where == split and rows[i] >= 0]
             chosen[split] = ([rows[i] for i in members], [labels[i] for i in members])
             if not members:
+                unreadable = sum(where == split for where in split_of)  # all of them, if any
+                why = f" (all {unreadable} of its files are unreadable)" if unreadable else ""
                 raise UserError(
-                    f"the {split} split of {root} is empty; add files, or change "
+                    f"the {split} split of {root} is empty{why}; add files, or change "
                     "data.val_fraction / data.test_fraction or the list files"
                 )
         analyzer = MelAnalyzer(settings)

@@ -250,7 +250,11 @@ FATAL = [
     Fatal("missing audio folder", folder_recipe("audio-folder", None), "not found"),
     Fatal("empty audio folder", folder_recipe("audio-folder", Path.mkdir), "no class sub-folders"),
     Fatal("audio data-dir is a file", folder_recipe("audio-folder", a_file), "data"),
-    Fatal("only unreadable audio", folder_recipe("audio-folder", only_bad_audio), "split of"),
+    Fatal(
+        "only unreadable audio",
+        folder_recipe("audio-folder", only_bad_audio),
+        "files are unreadable",
+    ),
     Fatal("missing npy folder", folder_recipe("npy-folder", None), "does not exist"),
     Fatal("empty npy folder", folder_recipe("npy-folder", Path.mkdir), "no class sub-folders"),
     Fatal("only bad arrays", folder_recipe("npy-folder", only_bad_npy), "npy"),

@@ -433,3 +433,24 @@ def test_speech_commands_skips_bad_clips_and_reads_odd_formats(tmp_path: Path) -
     record = data_record(out)
     assert record["skipped"] == skipped
     assert record["train_size"] == 3 * 3 + len(bad_inputs.VALID_AUDIO_ITEMS)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~15 s on the shared CPUs
+def test_a_real_process_prints_only_the_error_line_on_stderr(tmp_path: Path) -> None:
+    """Outside CliRunner too: the installed entry point, stdout empty, stderr one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import LAUNCHER
+
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER)
+    (tmp_path / "runs").write_text("a file where the runs folder should be\n")
+    command = [sys.executable, str(script), str(Path(__file__).parent), "train", "tiny-majority",
+               "--steps", "1", "--out", str(tmp_path / "runs")]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: cannot create run directories under")

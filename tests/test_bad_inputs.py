@@ -19,7 +19,7 @@ from pathlib import Path
 import bad_inputs
 import pytest
 import torch
-from test_cli import assert_user_error, cope
+from test_cli import _wide_terminal, assert_user_error, cope  # noqa: F401 (autouse fixture)
 
 from recipes.engine import rundir
 
@@ -28,12 +28,6 @@ TINY_AUDIO += ["--set", "model.dim=16", "--set", "model.mlp_dim=32", "--set", "m
 TINY_VIDEO = ["--preset", "tiny", "--set", "data.fps=5.0", "--set", "data.frames=4"]
 TINY_VIDEO += ["--set", "data.size=16", "--set", "data.progress=false"]
 TINY_VIDEO += ["--set", "train.batch_size=2"]
-
-
-@pytest.fixture(autouse=True)
-def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rich wraps at the terminal width; a wide one keeps the error on one line."""
-    monkeypatch.setenv("COLUMNS", "250")
 
 
 @pytest.fixture(scope="module")

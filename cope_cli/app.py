@@ -513,7 +513,8 @@ def sweep_command(
 
     Keys: recipes = ["counting"], pes = ["cope", "abs"], seeds = 2, preset = "..." (optional).
 
-    Tables: [options] for every run; [[variants]] (each with a name) as option sets.
+    Tables: [options] for every run; [[variants]] (each with a name, optionally its own pes)
+    as option sets. Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
 
     Example: cope sweep sweep.toml --out runs/sweep1
     """

@@ -208,7 +208,7 @@ FATAL = [
                 "needs a CUDA GPU",
             ),
         ]
-    ),  # fmt: skip
+    ),
     # recipe and sweep files
     Fatal("malformed TOML", recipe_file('recipe = "counting\n'), "not valid TOML"),
     Fatal("recipe file not UTF-8", recipe_file(b'recipe = "counting"\n\xff\xfe\n'), "not UTF-8"),
@@ -216,34 +216,36 @@ FATAL = [
         "recipe file missing",
         lambda tmp, runs: ["train", "--recipe-file", str(tmp / "x.toml")],
         "file not found",
-    ),  # fmt: skip
+    ),
     Fatal(
         "recipe file wrong type",
         recipe_file('recipe = "counting"\n[train]\nsteps = "ten"\n'),
         "train.steps must be",
-    ),  # fmt: skip
+    ),
     Fatal(
         "recipe file unknown key",
         recipe_file('recipe = "counting"\n[model]\nwidth = 8\n'),
         "model.width",
-    ),  # fmt: skip
+    ),
     Fatal("recipe file names no recipe", recipe_file("[train]\nsteps = 3\n"), "name a recipe"),
     Fatal("sweep file malformed", sweep_file("recipes = [counting\n"), "not valid TOML"),
     Fatal(
         "sweep of an unknown recipe",
         sweep_file('recipes = ["nope"]\npes = ["abs"]\n'),
         "unknown recipe 'nope'",
-    ),  # fmt: skip
+    ),
     Fatal(
         "sweep of an unknown encoding",
         sweep_file('recipes = ["counting"]\npes = ["ropey"]\n'),
         "unknown position encoding 'ropey'",
-    ),  # fmt: skip
+    ),
     # data folders
     Fatal("no --data-dir", train("audio-folder", "--steps", "1"), "--data-dir"),
     Fatal("missing audio folder", folder_recipe("audio-folder", None), "not found"),
     Fatal("empty audio folder", folder_recipe("audio-folder", Path.mkdir), "no class sub-folders"),
-    Fatal("audio data-dir is a file", folder_recipe("audio-folder", a_file), "data"),
+    Fatal(
+        "audio data-dir is a file", folder_recipe("audio-folder", a_file), "data folder not found"
+    ),
     Fatal(
         "only unreadable audio",
         folder_recipe("audio-folder", only_bad_audio),
@@ -251,43 +253,45 @@ FATAL = [
     ),
     Fatal("missing npy folder", folder_recipe("npy-folder", None), "does not exist"),
     Fatal("empty npy folder", folder_recipe("npy-folder", Path.mkdir), "no class sub-folders"),
-    Fatal("only bad arrays", folder_recipe("npy-folder", only_bad_npy), "npy"),
-    Fatal("npy data-dir is a file", folder_recipe("npy-folder", a_file), "data"),
-    Fatal("video data-dir is a file", folder_recipe("video-folder", a_file), "data"),
+    Fatal("only bad arrays", folder_recipe("npy-folder", only_bad_npy), "usable (time, features)"),
+    Fatal("npy data-dir is a file", folder_recipe("npy-folder", a_file), "is not a folder"),
+    Fatal("video data-dir is a file", folder_recipe("video-folder", a_file), "does not exist"),
     Fatal("missing video folder", folder_recipe("video-folder", None), "does not exist"),
     Fatal("empty video folder", folder_recipe("video-folder", Path.mkdir), "no video files"),
     Fatal(
-        "only broken videos", folder_recipe("video-folder", only_bad_video, *TINY_VIDEO), "video"
-    ),  # fmt: skip
+        "only broken videos",
+        folder_recipe("video-folder", only_bad_video, *TINY_VIDEO),
+        "no readable video",
+    ),
     Fatal(
         "speech commands not downloaded", folder_recipe("speech-commands", Path.mkdir), "--download"
-    ),  # fmt: skip
+    ),
     # checkpoints
     Fatal(
         "checkpoint of another encoding",
         other_checkpoint("tiny-majority-tf/nope", "tiny-majority-tf/abs"),
         "does not fit this model",
-    ),  # fmt: skip
+    ),
     Fatal(
         "checkpoint of another recipe",
         other_checkpoint("tiny-echo/abs", "tiny-majority-tf/abs"),
         "belongs to recipe 'tiny-echo'",
-    ),  # fmt: skip
+    ),
     Fatal(
         "truncated checkpoint",
         damaged_run("tiny-majority-tf/abs", truncate("best.pt", 200)),
         "damaged or unreadable",
-    ),  # fmt: skip
+    ),
     Fatal(
         "zero-byte checkpoint",
         damaged_run("tiny-majority-tf/abs", truncate("best.pt", 0)),
         "damaged or unreadable",
-    ),  # fmt: skip
+    ),
     Fatal(
         "damaged run config",
         damaged_run("tiny-majority-tf/abs", truncate("config.json", 9)),
         "config.json",
-    ),  # fmt: skip
+    ),
     Fatal("data folder of a run deleted", folder_run_without_data, "does not exist"),
     # output folder that cannot be written (simulated: we run as root)
     Fatal("--out is a regular file", out_is_a_file, "cannot create run directories"),

@@ -108,6 +108,14 @@ class FeatureSettings:
             raise UserError("with data.features=logmel, data.n_mels must equal data.n_features")
         if self.kind == "mfcc" and self.n_features > self.n_mels:
             raise UserError("data.n_features (MFCC count) cannot exceed data.n_mels")
+        for key, value in (
+            ("data.sample_rate", self.sample_rate),
+            ("data.win_ms", self.win_ms),
+            ("data.hop_ms", self.hop_ms),
+            ("data.n_mels", self.n_mels),
+        ):
+            if not value > 0:  # zero would divide by zero deep inside the STFT
+                raise UserError(f"{key} must be positive, got {value!r}")
 
     @classmethod
     def from_config(cls, config: Config) -> FeatureSettings:
@@ -385,16 +393,32 @@ class Augmentation:
         return mel_db
 
     def apply_features(self, features: torch.Tensor) -> torch.Tensor:
-        """SpecAugment (torchaudio's masks) on finished features (frames, n_features)."""
+        """SpecAugment on finished features (frames, n_features), masked with 0 (the mean).
+
+        The same draws as torchaudio's FrequencyMasking/TimeMasking (tested equal), without
+        building two modules per item: this runs for every training item on the CPU.
+        """
         if not (self.freq_masks or self.time_masks):
             return features
-        spec = features.T.unsqueeze(0)  # (1, features, frames), torchaudio's layout
+        features = features.clone()
         for _ in range(self.freq_masks):
-            spec = torchaudio.transforms.FrequencyMasking(self.freq_mask_width)(spec)
+            _mask_along(features, 1, self.freq_mask_width)
         for _ in range(self.time_masks):
-            width = min(self.time_mask_width, spec.shape[-1])
-            spec = torchaudio.transforms.TimeMasking(width)(spec)
-        return spec.squeeze(0).T
+            _mask_along(features, 0, min(self.time_mask_width, features.shape[0]))
+        return features
+
+
+def _mask_along(features: torch.Tensor, axis: int, width: int) -> None:
+    """Zero one random band of ``axis`` in place, drawn as torchaudio's mask_along_axis does."""
+    if width < 1:
+        return
+    value = torch.rand(1) * width
+    start = torch.rand(1) * (features.shape[axis] - value)
+    first, stop = int(start.long()), int(start.long() + value.long())
+    if axis == 0:
+        features[first:stop] = 0.0
+    else:
+        features[:, first:stop] = 0.0
 
 
 class FeatureDataset(Dataset):

@@ -282,3 +282,21 @@ def test_cli_without_data_says_so_in_one_sentence(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*arguments, "--data-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert "pass --download" in result.output and "Traceback" not in result.output
+
+
+def test_specaugment_draws_the_same_masks_as_torchaudio() -> None:
+    augmentation = _audio.Augmentation(
+        freq_masks=2, freq_mask_width=7, time_masks=2, time_mask_width=25
+    )
+    features = torch.randn(101, 40) + 3.0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = augmentation.apply_features(features)
+        torch.manual_seed(seed)
+        spec = features.T.unsqueeze(0)
+        for _ in range(2):
+            spec = torchaudio.transforms.FrequencyMasking(7)(spec)
+        for _ in range(2):
+            spec = torchaudio.transforms.TimeMasking(25)(spec)
+        assert torch.equal(ours, spec.squeeze(0).T)
+    assert not torch.equal(augmentation.apply_features(features), features)

@@ -112,6 +112,11 @@ class EventSettings:
             )
         if self.ood_events[1] > MAX_ONSETS:
             raise UserError(f"at most {MAX_ONSETS} events per clip")
+        if self.train_size < 1 or self.eval_size < 1:
+            raise UserError(
+                f"data.train_size and data.eval_size must be at least 1, "
+                f"got {self.train_size} and {self.eval_size}"
+            )
 
     @classmethod
     def from_config(cls, config: Config) -> EventSettings:

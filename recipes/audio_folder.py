@@ -245,6 +245,8 @@ class AudioFolder(Recipe):
             return FeatureDataset(mel_db, *chosen[split], analyzer, mean, std, extra)
 
         stack = int(config.get("data.stack", 2))
+        if stack < 1:
+            raise UserError(f"data.stack must be at least 1, got {stack}")
         longest = max(mel_db.length(row) for split in chosen.values() for row in split[0])
         info = {
             "num_classes": len(classes),

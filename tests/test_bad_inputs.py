@@ -209,6 +209,44 @@ FATAL = [
             ),
         ]
     ),
+    # data options out of range
+    Fatal(
+        "zero sample rate",
+        folder_recipe("audio-folder", bad_inputs.audio_class_folder, "--set", "data.sample_rate=0"),
+        "data.sample_rate must be positive",
+    ),
+    Fatal(
+        "zero hop",
+        folder_recipe("audio-folder", bad_inputs.audio_class_folder, "--set", "data.hop_ms=0"),
+        "data.hop_ms must be positive",
+    ),
+    Fatal(
+        "zero frame stacking",
+        folder_recipe("audio-folder", bad_inputs.audio_class_folder, "--set", "data.stack=0"),
+        "data.stack must be at least 1",
+    ),
+    Fatal(
+        "fractions above one",
+        folder_recipe("npy-folder", bad_inputs.npy_class_folder, "--set", "data.val_fraction=1.5"),
+        "data.val_fraction",
+    ),
+    Fatal(
+        "zero video fps",
+        folder_recipe(
+            "video-folder", bad_inputs.video_class_folder, *TINY_VIDEO, "--set", "data.fps=0"
+        ),
+        "data.fps must be positive",
+    ),
+    Fatal(
+        "empty generated split",
+        train("audio-events", "--set", "data.eval_size=0"),
+        "data.eval_size must be at least 1",
+    ),
+    Fatal(
+        "empty counting split",
+        train("counting", "--set", "data.eval_size=0"),
+        "at least one example",
+    ),
     # recipe and sweep files
     Fatal("malformed TOML", recipe_file('recipe = "counting\n'), "not valid TOML"),
     Fatal("recipe file not UTF-8", recipe_file(b'recipe = "counting"\n\xff\xfe\n'), "not UTF-8"),

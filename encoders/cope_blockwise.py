@@ -16,7 +16,8 @@ direction of attention is split into
   every row, which is what lets the far region be one call.
 - a *far region*: every key beyond the band, one fused flash-attention call (PyTorch's CPU
   flash kernel, which also returns the log-sum-exp) on the sequence shifted by the band width,
-  with the bias z_i[npos-1] added to its log-sum-exp.
+  with the bias z_i[npos-1] added to its log-sum-exp. Off CPU that kernel does not exist; the
+  far region then runs as plain attention in chunks of FAR_ROWS query rows (still linear).
 
 The partials (normalised output, log-sum-exp) of band and far region are merged exactly.
 
@@ -27,10 +28,11 @@ keys j > i in natural order, with the diagonal excluded (``strict``) and the tab
 row npos-1 downwards; its far region is causal attention of the reversed sequence.
 
 Backward recomputes every band tile instead of storing it (only each tile's incoming gate sums,
-(B, H, T) each, are kept), walking tiles from the farthest to the nearest while carrying the sum
-of dL/dp over the farther keys: dL/dg_ik = sum over keys j at or beyond k of dL/dp_ij. The far
-region's gradients come from the flash kernel's backward given the merged output and
-log-sum-exp; its bias gradient is mass_i * (dO_i . o_far_i - Delta_i).
+(B, H, T) each, are kept); group by group of query blocks it walks the tiles from the farthest
+to the nearest while carrying the sum of dL/dp over the farther keys:
+dL/dg_ik = sum over keys j at or beyond k of dL/dp_ij. The far region's gradients come from
+the flash kernel's backward given the merged output and log-sum-exp; its bias gradient is
+mass_i * (dO_i . o_far_i - Delta_i).
 
 Tensors of the band live block-major, (blocks, B, H, block, ...), so that a group of query blocks
 is one contiguous slice and every tile is a single batched matmul without copies.

@@ -196,6 +196,7 @@ FATAL = [
     Fatal("dropout above one", train("counting", "--set", "model.dropout=1.5"), "model.dropout"),
     Fatal("CoPE cap of zero", train("counting", "--set", "model.npos=0"), "model.npos"),
     Fatal("max_len below the data", train("counting", "--set", "model.max_len=8"), "model.max_len"),
+    Fatal("unknown CoPE gate", train("counting", "--set", "model.cope_gate=bogus"), "cope_gate"),
     Fatal("unknown device", train("counting", "--device", "tpu"), "train.device must be"),
     *(
         []

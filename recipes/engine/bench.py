@@ -1,7 +1,8 @@
 """Benchmarks: time and peak memory of each attention path, and whole-model training throughput.
 
 Every measured case runs in a fresh subprocess on CPU, so its peak memory can be read as the
-rise of the process's peak resident set size (``ru_maxrss``) from after the setup (imports,
+rise of the process's peak resident set size (VmHWM, reset before the block; ``ru_maxrss`` where it
+cannot be reset) over its resident size after the setup (imports,
 inputs, data, model) to after the timed runs; on CUDA the allocator's peak is used instead.
 Times are medians of repeated runs after warm-up runs. Other processes share the CPUs, so only
 ratios within one run are meaningful; the tables therefore show ratios to a baseline path
@@ -67,6 +68,32 @@ def reference_estimate_gib(setting: AttentionSetting, length: int) -> float:
     return pairs * REFERENCE_BYTES_PER_PAIR / 2**30
 
 
+def _status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (Linux), or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so a later peak belongs to the measured block.
+
+    Without it, a transient peak during setup (imports, the warm-up call) can hide the block's
+    own peak entirely: ru_maxrss never decreases.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
 def _peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -87,8 +114,12 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
+        elif _reset_peak_rss():
+            self.base = (_status_kib("VmRSS") or 0) * 1024
+            self.use_hwm = True
         else:
             self.base = _peak_rss_bytes()
+            self.use_hwm = False
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,6 +128,8 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.rise = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.use_hwm:
+            self.rise = max(0, (_status_kib("VmHWM") or 0) * 1024 - self.base)
         else:
             self.rise = _peak_rss_bytes() - self.base
 

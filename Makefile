@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cope compare audio-events --pe cope,rope,abs
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/cope compare audio-events --pe cope,rope,abs --seeds 1 --out runs/demo
 
 # Passive OpenMP waiting: busy-waiting threads slow torch ~10x on a shared 2-CPU machine.
 test: $(STAMP)

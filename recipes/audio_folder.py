@@ -49,7 +49,7 @@ from recipes.base import (
     register_recipe,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: samples with NaN/inf are skipped (c6abaf6), not cached
 DEFAULT_LISTS = ("validation_list.txt", "testing_list.txt")
 
 

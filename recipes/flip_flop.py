@@ -133,20 +133,14 @@ class FlipFlop(Recipe):
         length = option(config, "data.length", int)
         if length < 2:
             raise UserError(f"data.length must be at least 2 instructions, got {length}")
-        ignore = {
-            split: option(config, key, float)
-            for split, key in (
-                ("test", "data.p_ignore"),
-                ("sparse", "data.sparse_p_ignore"),
-                ("dense", "data.dense_p_ignore"),
-            )
-        }
-        for key, value in zip(
-            ("data.p_ignore", "data.sparse_p_ignore", "data.dense_p_ignore"),
-            ignore.values(),
-            strict=True,
+        ignore: dict[str, float] = {}
+        for split_name, key in (
+            ("test", "data.p_ignore"),
+            ("sparse", "data.sparse_p_ignore"),
+            ("dense", "data.dense_p_ignore"),
         ):
-            check_probability(key, value)
+            ignore[split_name] = option(config, key, float)
+            check_probability(key, ignore[split_name])
 
         def dataset(split: str, size: int, p_ignore: float) -> GeneratedTokenDataset:
             def make(rng: random.Random) -> tuple[list[str], list[int]]:

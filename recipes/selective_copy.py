@@ -175,26 +175,16 @@ class SelectiveCopy(Recipe):
 
         eval_size = option(config, "data.eval_size", int)
 
-        def described(blanks: tuple[int, int]) -> str:
-            return f"{num_tokens} coloured tokens among {blanks[0]}-{blanks[1]} blanks"
+        def split(name: str, source: str, ood: bool) -> Split:
+            low, high = ranges[source]
+            described = f"{num_tokens} coloured tokens among {low}-{high} blanks"
+            return Split(dataset(name, eval_size, ranges[source]), ood=ood, description=described)
 
         splits = {
-            "val": Split(
-                dataset("val", eval_size, ranges["test"]), description=described(ranges["test"])
-            ),
-            "test": Split(
-                dataset("test", eval_size, ranges["test"]), description=described(ranges["test"])
-            ),
-            "sparse": Split(
-                dataset("sparse", eval_size, ranges["sparse"]),
-                ood=True,
-                description=described(ranges["sparse"]),
-            ),
-            "dense": Split(
-                dataset("dense", eval_size, ranges["dense"]),
-                ood=True,
-                description=described(ranges["dense"]),
-            ),
+            "val": split("val", "test", False),
+            "test": split("test", "test", False),
+            "sparse": split("sparse", "sparse", True),
+            "dense": split("dense", "dense", True),
         }
         info = {
             "vocab_size": len(words),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_cope_reference import loop_cope
 
 from encoders.cope import (
     cope_attention,
@@ -30,38 +31,14 @@ def loop_gate(gate, q, k, gate_logits, b, h, i, j):
 
 
 def loop_cope_gated(q, k, v, table, gate, gate_logits=None, *, causal, key_padding_mask=None):
-    """CoPE term by term (as tests/test_cope_reference.py) with the chosen gate variant."""
-    batch, heads, length, head_dim = q.shape
-    rows = table.shape[-2]
-    npos = rows if causal else (rows + 1) // 2
-    offset = 0 if causal else npos - 1
-    outputs = []
-    for b in range(batch):
-        for h in range(heads):
-            for i in range(length):
-                allowed = [
-                    j
-                    for j in range(length)
-                    if (not causal or j <= i)
-                    and (key_padding_mask is None or not key_padding_mask[b, j])
-                ]
-                score = {j: q[b, h, i] @ k[b, h, j] / math.sqrt(head_dim) for j in allowed}
-                gates = {j: loop_gate(gate, q, k, gate_logits, b, h, i, j) for j in allowed}
-                logits = []
-                for j in allowed:
-                    if j <= i:
-                        p = sum(gates[m] for m in range(j, i + 1) if m in gates)
-                    else:
-                        p = -sum(gates[m] for m in range(i + 1, j + 1) if m in gates)
-                    p = p.clamp(min=0 if causal else -(npos - 1), max=npos - 1)
-                    lower, upper = int(math.floor(p.item())), int(math.ceil(p.item()))
-                    fraction = p - lower
-                    z_upper = q[b, h, i] @ table[upper + offset]
-                    z_lower = q[b, h, i] @ table[lower + offset]
-                    logits.append(score[j] + z_upper * fraction + z_lower * (1 - fraction))
-                weights = torch.softmax(torch.stack(logits), dim=0)
-                outputs.append(sum(w * v[b, h, j] for w, j in zip(weights, allowed, strict=True)))
-    return torch.stack(outputs).reshape(batch, heads, length, -1)
+    """CoPE term by term (tests/test_cope_reference.py's loop) with the chosen gate variant."""
+
+    def gate_of(b, h, i, j):
+        return loop_gate(gate, q, k, gate_logits, b, h, i, j)
+
+    return loop_cope(
+        q, k, v, table, causal=causal, key_padding_mask=key_padding_mask, gate_of=gate_of
+    )
 
 
 def _draw(*shape, generator, std=1.0):

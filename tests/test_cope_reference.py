@@ -10,8 +10,11 @@ import torch
 from encoders.cope import CoPE, cope_attention, cope_positions, reference_cope_attention
 
 
-def loop_cope(q, k, v, table, *, causal, key_padding_mask=None):
-    """DESIGN.md §2 term by term: one query i, one key j at a time (float64, autograd-able)."""
+def loop_cope(q, k, v, table, *, causal, key_padding_mask=None, gate_of=None):
+    """DESIGN.md §2 term by term: one query i, one key j at a time (float64, autograd-able).
+
+    ``gate_of(b, h, i, j)`` replaces the paper's gate sigmoid(s_ij) (the gate variants' tests).
+    """
     batch, heads, length, head_dim = q.shape
     rows = table.shape[-2]
     npos = rows if causal else (rows + 1) // 2
@@ -31,7 +34,10 @@ def loop_cope(q, k, v, table, *, causal, key_padding_mask=None):
                     outputs.append(torch.zeros_like(v[b, h, i]))
                     continue
                 score = {j: q[b, h, i] @ k[b, h, j] / math.sqrt(head_dim) for j in allowed}
-                gate = {j: torch.sigmoid(score[j]) for j in allowed}
+                gate = {
+                    j: torch.sigmoid(score[j]) if gate_of is None else gate_of(b, h, i, j)
+                    for j in allowed
+                }
                 logits = []
                 for j in allowed:
                     if j <= i:

@@ -159,7 +159,7 @@ def token_signal(item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "tokens", "labels": [tokens[int(index)] for index in item["inputs"]]}
 
 
-# Presets shared by the text tasks. "small" is the DESIGN prototype's setting, which trains on
+# Presets shared by the text tasks. "small" is the prototype's (docs/tasks.md), which trains on
 # 2 CPUs in minutes; "paper" is the CoPE paper's (4 layers x 256, 4 heads, post-norm, dropout
 # 0.1, batch 64, Adam at 7e-5; see run.sh in facebookresearch/RAM projects/cope).
 SMALL_MODEL: Config = {

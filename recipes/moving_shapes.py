@@ -23,7 +23,7 @@ gap or event vanishes) and ``long`` (more events: K in long_min_events..long_max
 counts above the training range). Clips are rendered on the fly from
 ``(data.seed, split, index)``: the same data for every model seed.
 
-Defaults (see ``MovingShapes.defaults``) follow the prototype in DESIGN.md §4: 32 x 32 grey
+Defaults (see ``MovingShapes.defaults``) follow the prototype in docs/tasks.md: 32 x 32 grey
 frames, 4 kinds, one token per 2-frame tubelet made by a small MLP on each 8 x 8 patch and a
 max over the patches (``model.tokenizer=mlp-max``), 2 layers of width 64. ``model.pe`` accepts
 every registered encoding; with one token per time step all of them act over time only

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import engine_helpers  # noqa: F401  (registers the tiny recipes)
 import pytest
-import test_engine_support  # noqa: F401  (registers the tiny recipes)
 import torch
-from test_engine_support import TinyMajorityTransformer
+from engine_helpers import TinyMajorityTransformer
 from typer.testing import CliRunner
 
 from cope_cli.app import app

@@ -10,20 +10,42 @@ from typer.testing import CliRunner
 from cope_cli.bench import bench_app
 from recipes.base import UserError
 from recipes.engine import bench
-from recipes.engine.bench import AttentionSetting, TrainSetting, bench_attention, bench_train
+from recipes.engine.bench import (
+    AttentionSetting,
+    CaseResult,
+    TrainSetting,
+    bench_attention,
+    bench_train,
+)
 
 TINY = AttentionSetting(batch=1, heads=2, dim=16, npos=8, repeats=2, warmup=1)
 
 
-def test_attention_bench_times_every_path_with_ratios_to_sdpa():
+def test_attention_bench_times_every_path_and_reports_ratios_to_sdpa():
     results = bench_attention([64], ["sdpa", "reference", "blockwise"], TINY, isolate=False)
     assert [r.name for r in results] == ["sdpa", "reference", "blockwise"]
     assert all(r.time_ms and r.time_ms > 0 and r.peak_mib is not None for r in results)
     document = bench.results_json(results, "sdpa", {"setting": {}})
-    sdpa = document["cases"][0]["ratios_to_sdpa"]
-    assert sdpa["time"] == pytest.approx(1.0)
-    blockwise = document["cases"][2]["ratios_to_sdpa"]
-    assert blockwise["time"] == pytest.approx(results[2].time_ms / results[0].time_ms)
+    assert [case["name"] for case in document["cases"]] == ["sdpa", "reference", "blockwise"]
+    assert all(case["ratios_to_sdpa"]["time"] > 0 for case in document["cases"])
+
+
+def test_ratios_divide_by_the_baseline_at_the_same_length_and_leave_out_skipped_cases():
+    results = [
+        CaseResult("sdpa", 64, time_ms=10.0, peak_mib=4.0),
+        CaseResult("sdpa", 128, time_ms=40.0, peak_mib=0.0),
+        CaseResult("blockwise", 64, time_ms=25.0, peak_mib=6.0),
+        CaseResult("blockwise", 128, time_ms=60.0, peak_mib=3.0),
+        CaseResult("reference", 128, skipped="skipped (est. 9 GiB)"),
+    ]
+    relative = bench.ratios(results, "sdpa")
+    assert relative[("sdpa", 64)] == {"time": 1.0, "memory": 1.0, "throughput": None}
+    assert relative[("blockwise", 64)] == {"time": 2.5, "memory": 1.5, "throughput": None}
+    # A zero baseline peak gives no memory ratio rather than a division by zero.
+    assert relative[("blockwise", 128)] == {"time": 1.5, "memory": None, "throughput": None}
+    assert ("reference", 128) not in relative
+    document = bench.results_json(results, "sdpa", {})
+    assert [case["ratios_to_sdpa"] for case in document["cases"]][-1] is None
 
 
 def test_attention_bench_skips_the_reference_where_it_would_need_too_much_memory(monkeypatch):
@@ -45,8 +67,10 @@ def test_attention_bench_measures_peak_memory_in_a_fresh_subprocess():
     results = bench_attention([64, 1024], ["reference"], TINY, isolate=True, timeout=300)
     short, long = results
     assert short.skipped is None and long.skipped is None, (short.skipped, long.skipped)
-    # (B, H, T, T) float32 = 8 MiB per tensor at T=1024 and the reference keeps several.
-    assert long.peak_mib > short.peak_mib + 16, (short.peak_mib, long.peak_mib)
+    # The reference keeps about ten (B, H, T, T) tensors; at T=1024 one float32 tensor alone is
+    # 8 MiB, so the peak must rise by at least that (a bound that load cannot lower).
+    one_square = TINY.batch * TINY.heads * 1024 * 1024 * 4 / 2**20
+    assert long.peak_mib >= short.peak_mib + one_square, (short.peak_mib, long.peak_mib)
     assert len(long.extra["times_ms"]) == TINY.repeats
 
 
@@ -83,9 +107,7 @@ def test_train_bench_reports_throughput_relative_to_abs():
     assert all(r.examples_per_s and r.examples_per_s > 0 for r in results)
     relative = bench.ratios(results, "abs")
     assert relative[("abs", None)]["throughput"] == pytest.approx(1.0)
-    assert relative[("cope", None)]["throughput"] == pytest.approx(
-        results[1].examples_per_s / results[0].examples_per_s
-    )
+    assert relative[("cope", None)]["throughput"] > 0
 
 
 def test_train_bench_rejects_unknown_encodings():

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import engine_helpers  # noqa: F401  (registers the tiny recipes)
 import pytest
-import test_engine_support  # noqa: F401  (registers the tiny recipes)
 from typer.testing import CliRunner
 
 from cope_cli.app import app
@@ -320,7 +320,7 @@ def test_counting_end_to_end_train_and_eval(tmp_path: Path) -> None:
 LAUNCHER = """
 import sys
 sys.path.insert(0, sys.argv.pop(1))
-import test_engine_support  # the tiny recipes
+import engine_helpers  # the tiny recipes
 from cope_cli.app import main
 main()
 """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import engine_helpers  # noqa: F401  (registers the tiny recipes)
 import pytest
-import test_engine_support  # noqa: F401  (registers the tiny recipes)
 
 from recipes.base import UserError, get_recipe
 from recipes.engine.config import (

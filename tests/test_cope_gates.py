@@ -184,7 +184,7 @@ def test_unknown_gate_in_the_encoder_config_lists_the_valid_ones():
 
 
 def test_cope_gate_option_reaches_the_runs_config_and_model(tmp_path):
-    import test_engine_support  # noqa: F401  (registers the tiny recipes)
+    import engine_helpers  # noqa: F401  (registers the tiny recipes)
     from typer.testing import CliRunner
 
     from cope_cli.app import app
@@ -201,7 +201,7 @@ def test_cope_gate_option_reaches_the_runs_config_and_model(tmp_path):
 
 
 def test_an_unknown_cope_gate_is_a_one_line_user_error():
-    import test_engine_support  # noqa: F401
+    import engine_helpers  # noqa: F401
     from typer.testing import CliRunner
 
     from cope_cli.app import app
@@ -212,7 +212,7 @@ def test_an_unknown_cope_gate_is_a_one_line_user_error():
 
 
 def test_compare_gives_the_gate_to_cope_runs_only(tmp_path, monkeypatch):
-    import test_engine_support  # noqa: F401
+    import engine_helpers  # noqa: F401
 
     from recipes.engine import compare as compare_module
 
@@ -269,7 +269,7 @@ def test_report_labels_a_cope_gate_variant_as_its_own_encoding():
 def test_a_run_saved_before_cope_gate_existed_is_reused_as_a_qk_run(tmp_path):
     import json
 
-    import test_engine_support  # noqa: F401
+    import engine_helpers  # noqa: F401
     from typer.testing import CliRunner
 
     from cope_cli.app import app

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import engine_helpers  # noqa: F401  (registers the tiny recipes)
 import pytest
-import test_engine_support  # noqa: F401  (registers the tiny recipes)
 import torch
 
 from recipes.base import get_recipe
@@ -22,7 +22,7 @@ TESTS = Path(__file__).parent
 LAUNCHER = """
 import sys
 sys.path.insert(0, sys.argv.pop(1))
-import test_engine_support  # the tiny recipes
+import engine_helpers  # the tiny recipes
 from cope_cli.app import main
 main()
 """

@@ -164,7 +164,12 @@ def test_token_classifier_is_a_causal_language_model_head():
 
 def test_frontend_width_is_projected_to_the_model_width():
     model = SequenceClassifier(FeatureFrontend(5, 24), small_config(pe="rope"), num_classes=2)
-    assert model(torch.randn(2, 4, 5)).shape == (2, 2)
+    assert isinstance(model.project, torch.nn.Linear)
+    assert (model.project.in_features, model.project.out_features) == (24, 16)
+    model(torch.randn(2, 4, 5)).sum().backward()  # the projection is on the gradient's path
+    assert model.project.weight.grad is not None and model.project.weight.grad.abs().sum() > 0
+    same_width = SequenceClassifier(FeatureFrontend(5, 16), small_config(pe="rope"), num_classes=2)
+    assert isinstance(same_width.project, torch.nn.Identity)  # nothing to project
 
 
 def test_post_norm_blocks_normalise_after_the_residual_sum():

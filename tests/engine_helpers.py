@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from recipes.base import DataBundle, Recipe, Split, UserError, pad_collate, register_recipe
-from recipes.engine.trainer import TrainObserver as TrainObserverBase  # noqa: F401
 
 
 class ListDataset(Dataset):

@@ -31,7 +31,6 @@ app = typer.Typer(
     help="Contextual Position Encoding (CoPE) experiments: train, evaluate and compare "
     "position encodings on speech, video and text recipes.",
     no_args_is_help=True,
-    add_completion=False,
 )
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -359,10 +358,15 @@ def config_command(
     console.print(table)
 
 
-def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
+def _find_eval_target(target: str | None, pe: str | None, out: Path) -> Path:
+    """A run directory, the newest finished run of a recipe, or (no target) of any recipe."""
     from recipes.base import RECIPES, UserError, list_recipes
     from recipes.engine.runs import newest_run
 
+    if target is None:
+        run_dir = newest_run(out, None, pe)
+        error_console.print(f"evaluating the newest run: {run_dir}", highlight=False)
+        return run_dir
     path = Path(target)
     if path.is_dir():
         return path
@@ -379,14 +383,15 @@ def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
 @user_errors
 def eval_command(
     target: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="A run directory, or a recipe name (then the newest finished run of it).",
+            help="A run directory, or a recipe name (then the newest finished run of it). "
+            "Omitted: the newest finished run under --out (of --pe, if given).",
             show_default=False,
         ),
-    ],
+    ] = None,
     pe: Annotated[
-        str | None, typer.Option(help="With a recipe name: the encoding of the run to pick.")
+        str | None, typer.Option(help="Without a run directory: the encoding of the run to pick.")
     ] = None,
     split: Annotated[str, typer.Option(help="A split name, or 'all'.")] = "all",
     json_output: Annotated[
@@ -395,18 +400,36 @@ def eval_command(
     out: OutOption = Path("runs"),
     device: DeviceOption = None,
     data_dir: DataDirOption = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change a data option for this evaluation, repeatable: --set data.fps=12. "
+            "Only data.* keys (the weights fix the model).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a trained run (best checkpoint) on one split or all of them.
 
     Example: cope eval counting --pe cope --split long
+
+    Example: cope eval --pe cope  (the newest finished cope run under runs/)
+
+    Example: cope eval runs/video-folder/cope/seed0-STAMP --set data.fps=4
     """
+    from recipes.engine.config import parse_set_option
     from recipes.engine.runs import evaluate_run
 
     run_dir = _find_eval_target(target, pe, out)
     splits = None if split == "all" else [split]
     observer = RichObserver(error_console) if not json_output else None
     result = evaluate_run(
-        run_dir, splits, device=device or "auto", observer=observer, data_dir=data_dir
+        run_dir,
+        splits,
+        device=device or "auto",
+        observer=observer,
+        data_dir=data_dir,
+        data_options=dict(parse_set_option(text) for text in set_ or []),
     )
     if json_output:
         print(json.dumps(result, indent=2))

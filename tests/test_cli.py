@@ -103,6 +103,39 @@ def test_eval_of_a_run_directory_and_one_split(tmp_path: Path) -> None:
     assert_user_error(cope("eval", run, "--split", "nope"), "unknown split 'nope'")
 
 
+def test_eval_without_a_target_picks_the_newest_finished_run_of_the_encoding(
+    tmp_path: Path,
+) -> None:
+    for pe in ("abs", "rope"):
+        cope("train", "tiny-majority", "--pe", pe, "--steps", "3", "--out", tmp_path)
+    (abs_run,) = rundir.find_runs(tmp_path, "tiny-majority", "abs")
+    result = cope("eval", "--pe", "abs", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert f"evaluating the newest run: {abs_run}" in result.output
+    assert json.loads(result.output[result.output.index("{") :])["run_dir"] == str(abs_run)
+    assert_user_error(cope("eval", "--pe", "alibi", "--out", tmp_path), "no finished run")
+
+
+def test_eval_set_changes_data_options_and_refuses_model_options(tmp_path: Path) -> None:
+    cope("train", "tiny-majority", "--pe", "abs", "--steps", "3", "--out", tmp_path)
+    (run,) = rundir.find_runs(tmp_path)
+    plain = json.loads(cope("eval", run, "--split", "val", "--json").output)
+    fewer = cope("eval", run, "--split", "val", "--json", "--set", "data.eval_size=7")
+    assert fewer.exit_code == 0, fewer.output
+    changed = json.loads(fewer.output)
+    assert changed["data_options"] == {"data.eval_size": 7} and plain["data_options"] == {}
+    assert changed["splits"]["val"]["count"] == 7 != plain["splits"]["val"]["count"]
+    assert_user_error(cope("eval", run, "--set", "model.depth=4"), "only data.* options")
+    assert_user_error(cope("eval", run, "--set", "data.eval_size=many"), "must be an integer")
+
+
+def test_saved_data_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    rundir.write_config(tmp_path, "tiny-majority", {}, None, Path("mydata"))
+    assert rundir.read_data_dir(tmp_path) == tmp_path.resolve() / "mydata"
+
+
 def test_recipe_file_and_set_override_in_order(tmp_path: Path) -> None:
     recipe_file = tmp_path / "run.toml"
     recipe_file.write_text(

@@ -150,7 +150,8 @@ def write_config(
         {
             "recipe": recipe,
             "preset": preset,
-            "data_dir": str(data_dir) if data_dir is not None else None,
+            # Absolute, so `cope eval RUN` works from any folder.
+            "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
             "config": config,
         },
     )

@@ -15,14 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cope_cli.bench import bench_app
-from cope_cli.render import (
-    RichObserver,
-    comparison_table,
-    console,
-    error_console,
-    evaluation_table,
-    print_files,
-)
+from cope_cli.console import console, error_console
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -49,7 +42,7 @@ def user_errors(command: Command) -> Command:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         import torch
 
-        from recipes.base import UserError
+        from recipes.errors import UserError
 
         try:
             return command(*args, **kwargs)
@@ -269,6 +262,7 @@ def train_command(
 
     Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
     """
+    from cope_cli.render import RichObserver, evaluation_table
     from recipes.base import get_recipe
     from recipes.engine.config import preset_options, resolve_config
     from recipes.engine.trainer import TrainOptions, train
@@ -417,6 +411,7 @@ def eval_command(
 
     Example: cope eval runs/video-folder/cope/seed0-STAMP --set data.fps=4
     """
+    from cope_cli.render import RichObserver, evaluation_table
     from recipes.engine.config import parse_set_option
     from recipes.engine.runs import evaluate_run
 
@@ -479,6 +474,7 @@ def compare_command(
 
     Example: cope compare audio-events --pe cope,rope,abs --seeds 3
     """
+    from cope_cli.render import RichObserver
     from recipes.base import get_recipe
     from recipes.engine.compare import compare, parse_pe_list, seed_list
     from recipes.engine.trainer import TrainOptions
@@ -509,6 +505,8 @@ def compare_command(
 
 
 def _finish_grid(result: Any) -> None:
+    from cope_cli.render import comparison_table, print_files
+
     if result.interrupted:
         error_console.print(
             "[yellow]interrupted[/]; run the same command again to continue.", highlight=False
@@ -541,6 +539,7 @@ def sweep_command(
 
     Example: cope sweep sweep.toml --out runs/sweep1
     """
+    from cope_cli.render import RichObserver
     from recipes.engine.compare import sweep
     from recipes.engine.trainer import TrainOptions
 
@@ -570,6 +569,7 @@ def report_command(
 
     Example: cope report runs/
     """
+    from cope_cli.render import comparison_table, print_files
     from recipes.base import UserError
     from recipes.engine.report import build_report
 

@@ -17,12 +17,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cope_cli.console import console
 from recipes.engine.evaluate import metric_label, metric_value
 from recipes.engine.report import format_cell, split_heading
 from recipes.engine.trainer import TrainObserver
-
-console = Console()
-error_console = Console(stderr=True)
 
 
 class RichObserver(TrainObserver):

@@ -418,3 +418,12 @@ def test_installed_console_script_reports_errors_without_traceback(tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown recipe 'no-such-recipe'")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    """`cope --help` answers fast because the CLI imports torch only inside the commands."""
+    code = "import sys, cope_cli.app; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"

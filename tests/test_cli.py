@@ -129,6 +129,18 @@ def test_eval_set_changes_data_options_and_refuses_model_options(tmp_path: Path)
     assert_user_error(cope("eval", run, "--set", "data.eval_size=many"), "must be an integer")
 
 
+def test_one_seed_results_json_is_strict_json_with_null_intervals(tmp_path: Path) -> None:
+    result = cope(
+        "compare", "tiny-majority", "--pe", "abs", "--seeds", "1", "--steps", "2", "--out", tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("tiny-majority/compare-*/results.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert "null" in text  # the one-seed std and interval
+
+
 def test_saved_data_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mydata").mkdir()

@@ -439,3 +439,30 @@ def test_help_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "False"
+
+
+def test_compare_table_fits_an_80_column_terminal() -> None:
+    from rich.console import Console
+
+    from cope_cli.render import comparison_table
+
+    def summary(mean: float, n: int) -> dict:
+        return {"mean": mean, "std": 0.0123, "n": n, "ci_low": mean - 0.03, "ci_high": mean + 0.03}
+
+    splits = {
+        name: {"ood": ood, "by_pe": {pe: summary(0.953, 3) for pe in ("cope", "rope", "abs")}}
+        for name, ood in (("val", False), ("test", False), ("more-events", True), ("slow", True))
+    }
+    result = {"title": "audio-events", "metric": "accuracy", "metric_label": "accuracy",
+              "pes": ["cope", "rope", "abs"], "splits": splits}  # fmt: skip
+    narrow = Console(width=80, record=True)
+    narrow.print(comparison_table(result, width=80))
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line for line in lines if line.lstrip("│ ").startswith(("cope", "rope", "abs"))]
+    assert len(rows) == 3 and all("0.953 ± 0.012" in row for row in rows)  # one line per encoding
+    assert "more-events †" in text
+    wide = Console(width=200, record=True)
+    wide.print(comparison_table(result, width=200))
+    assert "[0.923, 0.983]" in wide.export_text()

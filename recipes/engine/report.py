@@ -204,12 +204,14 @@ def _split_rank(name: str) -> tuple[int, str]:
     return ({"val": 0, "test": 1}.get(name, 2), name)
 
 
-def format_cell(summary: dict[str, Any], metric: str, with_ci: bool = True) -> str:
-    """``mean ± std [ci_low, ci_high]`` in the metric's units."""
+def format_cell(
+    summary: dict[str, Any], metric: str, with_ci: bool = True, seeds_note: bool = True
+) -> str:
+    """``mean ± std [ci_low, ci_high]`` in the metric's units; one seed: the mean alone."""
     digits = 1 if metric == "error" else 3
     mean = f"{summary['mean']:.{digits}f}"
     if summary["n"] < 2:
-        return f"{mean} (1 seed)"
+        return f"{mean} (1 seed)" if seeds_note else mean
     text = f"{mean} ± {summary['std']:.{digits}f}"
     if with_ci:
         text += f" [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"

@@ -469,7 +469,7 @@ def compare_command(
 
     Identical finished runs under --out are reused and unfinished ones resumed.
 
-    Writes results.json, results.csv, report.md and a bar plot per split
+    Writes results.json, results.csv, report.md and a grouped bar plot (splits x encodings)
     to OUT/RECIPE/compare-STAMP/.
 
     Example: cope compare audio-events --pe cope,rope,abs --seeds 3

@@ -277,8 +277,8 @@ def test_compare_two_encodings_two_seeds_writes_table_and_files(tmp_path: Path) 
     assert data["splits"]["test"]["by_pe"]["abs"]["seeds"] == [0, 1]
     rows = (folder / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 3  # header + 2 encodings x 3 splits
-    for split in ("val", "test", "long"):
-        assert (folder / f"plot_{split}.png").stat().st_size > 1000
+    assert (folder / "plot.png").stat().st_size > 1000  # one grouped figure
+    assert "![plot.png](plot.png)" in (folder / "report.md").read_text()
     output = " ".join(result.output.split())
     assert "long (OOD)" in output and "results.csv" in output and "±" in output
     # a second comparison reuses the four finished runs instead of training again
@@ -320,7 +320,7 @@ def test_report_rebuilds_tables_from_run_directories(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| abs | 1 |" in markdown and "| nope | 1 |" in markdown
-    assert (tmp_path / "report" / "plot_long.png").is_file()
+    assert (tmp_path / "report" / "plot.png").is_file()
 
 
 def test_positions_draws_heatmaps_of_a_cope_run(tmp_path: Path) -> None:

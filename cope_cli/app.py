@@ -15,14 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cope_cli.bench import bench_app
-from cope_cli.render import (
-    RichObserver,
-    comparison_table,
-    console,
-    error_console,
-    evaluation_table,
-    print_files,
-)
+from cope_cli.console import console, error_console
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -31,7 +24,6 @@ app = typer.Typer(
     help="Contextual Position Encoding (CoPE) experiments: train, evaluate and compare "
     "position encodings on speech, video and text recipes.",
     no_args_is_help=True,
-    add_completion=False,
 )
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -50,7 +42,7 @@ def user_errors(command: Command) -> Command:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         import torch
 
-        from recipes.base import UserError
+        from recipes.errors import UserError
 
         try:
             return command(*args, **kwargs)
@@ -270,6 +262,7 @@ def train_command(
 
     Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
     """
+    from cope_cli.render import RichObserver, evaluation_table
     from recipes.base import get_recipe
     from recipes.engine.config import preset_options, resolve_config
     from recipes.engine.trainer import TrainOptions, train
@@ -359,10 +352,15 @@ def config_command(
     console.print(table)
 
 
-def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
+def _find_eval_target(target: str | None, pe: str | None, out: Path) -> Path:
+    """A run directory, the newest finished run of a recipe, or (no target) of any recipe."""
     from recipes.base import RECIPES, UserError, list_recipes
     from recipes.engine.runs import newest_run
 
+    if target is None:
+        run_dir = newest_run(out, None, pe)
+        error_console.print(f"evaluating the newest run: {run_dir}", highlight=False)
+        return run_dir
     path = Path(target)
     if path.is_dir():
         return path
@@ -379,14 +377,15 @@ def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
 @user_errors
 def eval_command(
     target: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="A run directory, or a recipe name (then the newest finished run of it).",
+            help="A run directory, or a recipe name (then the newest finished run of it). "
+            "Omitted: the newest finished run under --out (of --pe, if given).",
             show_default=False,
         ),
-    ],
+    ] = None,
     pe: Annotated[
-        str | None, typer.Option(help="With a recipe name: the encoding of the run to pick.")
+        str | None, typer.Option(help="Without a run directory: the encoding of the run to pick.")
     ] = None,
     split: Annotated[str, typer.Option(help="A split name, or 'all'.")] = "all",
     json_output: Annotated[
@@ -395,18 +394,37 @@ def eval_command(
     out: OutOption = Path("runs"),
     device: DeviceOption = None,
     data_dir: DataDirOption = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change a data option for this evaluation, repeatable: --set data.fps=12. "
+            "Only data.* keys (the weights fix the model).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a trained run (best checkpoint) on one split or all of them.
 
     Example: cope eval counting --pe cope --split long
+
+    Example: cope eval --pe cope  (the newest finished cope run under runs/)
+
+    Example: cope eval runs/video-folder/cope/seed0-STAMP --set data.fps=4
     """
+    from cope_cli.render import RichObserver, evaluation_table
+    from recipes.engine.config import parse_set_option
     from recipes.engine.runs import evaluate_run
 
     run_dir = _find_eval_target(target, pe, out)
     splits = None if split == "all" else [split]
     observer = RichObserver(error_console) if not json_output else None
     result = evaluate_run(
-        run_dir, splits, device=device or "auto", observer=observer, data_dir=data_dir
+        run_dir,
+        splits,
+        device=device or "auto",
+        observer=observer,
+        data_dir=data_dir,
+        data_options=dict(parse_set_option(text) for text in set_ or []),
     )
     if json_output:
         print(json.dumps(result, indent=2))
@@ -451,11 +469,12 @@ def compare_command(
 
     Identical finished runs under --out are reused and unfinished ones resumed.
 
-    Writes results.json, results.csv, report.md and a bar plot per split
+    Writes results.json, results.csv, report.md and a grouped bar plot (splits x encodings)
     to OUT/RECIPE/compare-STAMP/.
 
     Example: cope compare audio-events --pe cope,rope,abs --seeds 3
     """
+    from cope_cli.render import RichObserver
     from recipes.base import get_recipe
     from recipes.engine.compare import compare, parse_pe_list, seed_list
     from recipes.engine.trainer import TrainOptions
@@ -486,6 +505,8 @@ def compare_command(
 
 
 def _finish_grid(result: Any) -> None:
+    from cope_cli.render import comparison_table, print_files
+
     if result.interrupted:
         error_console.print(
             "[yellow]interrupted[/]; run the same command again to continue.", highlight=False
@@ -518,6 +539,7 @@ def sweep_command(
 
     Example: cope sweep sweep.toml --out runs/sweep1
     """
+    from cope_cli.render import RichObserver
     from recipes.engine.compare import sweep
     from recipes.engine.trainer import TrainOptions
 
@@ -547,6 +569,7 @@ def report_command(
 
     Example: cope report runs/
     """
+    from cope_cli.render import comparison_table, print_files
     from recipes.base import UserError
     from recipes.engine.report import build_report
 

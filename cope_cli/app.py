@@ -23,6 +23,9 @@ from cope_cli.render import (
     evaluation_table,
     print_files,
 )
+from encoders.cope import GATES
+from encoders.positions import list_position_encodings
+from recipes.engine.config import TRAIN_CHOICES
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -95,6 +98,13 @@ def main_options(
 
 
 # Options shared by `train` and `compare` (Annotated so both commands document them alike).
+PeOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Position encoding (model.pe): {', '.join(list_position_encodings())}. "
+        "Default: the recipe's."
+    ),
+]
 SeedOption = Annotated[
     int | None, typer.Option(help="Training seed (init, data order). Default: 0.")
 ]
@@ -110,7 +120,10 @@ PresetOption = Annotated[
     str | None, typer.Option(help="Model/budget preset of the recipe. Default: the recipe's.")
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option(help="auto, cpu or cuda (auto: cuda when present). Default: auto.")
+    str | None,
+    typer.Option(
+        help=f"{', '.join(TRAIN_CHOICES['train.device'])} (auto: cuda when present). Default: auto."
+    ),
 ]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
@@ -134,8 +147,8 @@ RecipeFileOption = Annotated[
 CopeGateOption = Annotated[
     str | None,
     typer.Option(
-        help="CoPE gate (model.cope_gate): qk (the paper's), onset (changes between neighbouring "
-        "keys), token (a per-token head). Default: qk."
+        help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
+        "at changes between neighbouring keys, token is a per-token head. Default: qk."
     ),
 ]
 ForceOption = Annotated[
@@ -228,10 +241,7 @@ def train_command(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
-    pe: Annotated[
-        str | None,
-        typer.Option(help="Position encoding: nope, abs, sin, rope, alibi, rel, cope, cope+rope."),
-    ] = None,
+    pe: PeOption = None,
     cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
@@ -290,7 +300,12 @@ def train_command(
         preset=preset_name,
         stop_after=stop_after,
     )
-    result = train(recipe_name, config, options, RichObserver())
+    result = train(recipe_obj, config, options, RichObserver())
+    _report_run(result, f"{recipe_name} pe={config['model.pe']} seed={config['train.seed']}")
+
+
+def _report_run(result: Any, title: str) -> None:
+    """What became of a ``cope train``: the evaluation table, or how to continue."""
     if not result.is_main:
         return  # other ranks of a torchrun job: rank 0 reports
     if result.status == "interrupted":
@@ -303,7 +318,6 @@ def train_command(
     if result.status == "stopped":
         console.print(f"stopped at step {result.step}; continue with --resume", highlight=False)
         return
-    title = f"{recipe_name} pe={config['model.pe']} seed={config['train.seed']}"
     console.print(evaluation_table(result.evaluation, title))
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
 
@@ -314,7 +328,7 @@ def config_command(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
-    pe: Annotated[str | None, typer.Option(help="Position encoding.")] = None,
+    pe: PeOption = None,
     cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
@@ -424,7 +438,11 @@ def compare_command(
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
     pe: Annotated[
-        str, typer.Option(help="Comma-separated position encodings to compare.")
+        str,
+        typer.Option(
+            help="Comma-separated position encodings to compare, from: "
+            f"{', '.join(list_position_encodings())}."
+        ),
     ] = "cope,rope,abs",
     seeds: Annotated[
         int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)

@@ -16,6 +16,8 @@ import typer
 
 from cope_cli.bench import bench_app
 from cope_cli.console import console, error_console
+from encoders.names import GATES, POSITION_ENCODINGS
+from recipes.engine.config import TRAIN_CHOICES
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -87,6 +89,13 @@ def main_options(
 
 
 # Options shared by `train` and `compare` (Annotated so both commands document them alike).
+PeOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Position encoding (model.pe): {', '.join(POSITION_ENCODINGS)}. "
+        "Default: the recipe's."
+    ),
+]
 SeedOption = Annotated[
     int | None, typer.Option(help="Training seed (init, data order). Default: 0.")
 ]
@@ -102,7 +111,10 @@ PresetOption = Annotated[
     str | None, typer.Option(help="Model/budget preset of the recipe. Default: the recipe's.")
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option(help="auto, cpu or cuda (auto: cuda when present). Default: auto.")
+    str | None,
+    typer.Option(
+        help=f"{', '.join(TRAIN_CHOICES['train.device'])} (auto: cuda when present). Default: auto."
+    ),
 ]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
@@ -126,8 +138,8 @@ RecipeFileOption = Annotated[
 CopeGateOption = Annotated[
     str | None,
     typer.Option(
-        help="CoPE gate (model.cope_gate): qk (the paper's), onset (changes between neighbouring "
-        "keys), token (a per-token head). Default: qk."
+        help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
+        "at changes between neighbouring keys, token is a per-token head. Default: qk."
     ),
 ]
 ForceOption = Annotated[
@@ -220,10 +232,7 @@ def train_command(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
-    pe: Annotated[
-        str | None,
-        typer.Option(help="Position encoding: nope, abs, sin, rope, alibi, rel, cope, cope+rope."),
-    ] = None,
+    pe: PeOption = None,
     cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
@@ -262,7 +271,7 @@ def train_command(
 
     Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
     """
-    from cope_cli.render import RichObserver, evaluation_table
+    from cope_cli.render import RichObserver
     from recipes.base import get_recipe
     from recipes.engine.config import preset_options, resolve_config
     from recipes.engine.trainer import TrainOptions, train
@@ -283,7 +292,14 @@ def train_command(
         preset=preset_name,
         stop_after=stop_after,
     )
-    result = train(recipe_name, config, options, RichObserver())
+    result = train(recipe_obj, config, options, RichObserver())
+    _report_run(result, f"{recipe_name} pe={config['model.pe']} seed={config['train.seed']}")
+
+
+def _report_run(result: Any, title: str) -> None:
+    """What became of a ``cope train``: the evaluation table, or how to continue."""
+    from cope_cli.render import evaluation_table
+
     if not result.is_main:
         return  # other ranks of a torchrun job: rank 0 reports
     if result.status == "interrupted":
@@ -296,7 +312,6 @@ def train_command(
     if result.status == "stopped":
         console.print(f"stopped at step {result.step}; continue with --resume", highlight=False)
         return
-    title = f"{recipe_name} pe={config['model.pe']} seed={config['train.seed']}"
     console.print(evaluation_table(result.evaluation, title))
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
 
@@ -307,7 +322,7 @@ def config_command(
     recipe: Annotated[
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
-    pe: Annotated[str | None, typer.Option(help="Position encoding.")] = None,
+    pe: PeOption = None,
     cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
     steps: StepsOption = None,
@@ -442,7 +457,11 @@ def compare_command(
         str | None, typer.Argument(help="Recipe name (see `cope recipes`).", show_default=False)
     ] = None,
     pe: Annotated[
-        str, typer.Option(help="Comma-separated position encodings to compare.")
+        str,
+        typer.Option(
+            help="Comma-separated position encodings to compare, from: "
+            f"{', '.join(POSITION_ENCODINGS)}."
+        ),
     ] = "cope,rope,abs",
     seeds: Annotated[
         int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)

@@ -60,11 +60,13 @@ class RichObserver(TrainObserver):
             "train", total=total_steps, completed=start_step, loss="-", rate="-"
         )
 
-    def train_step(self, step: int, loss: float, lr: float) -> None:
+    def train_step(self, step: int, loss: float | None, lr: float) -> None:
         if self.progress is None:
             return
         rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+        self.progress.update(self.task, completed=step, rate=f"{rate:.1f}")
+        if loss is not None:  # the loss arrives on log steps (no device sync on the others)
+            self.progress.update(self.task, loss=f"{loss:.4f}")
 
     def eval_progress(self, split: str, done: int, total: int) -> None:
         if self.progress is None:

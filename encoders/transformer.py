@@ -29,6 +29,9 @@ from encoders.attention import MultiHeadAttention
 from encoders.cope import GATES
 from encoders.positions import PositionSpec, get_position_encoding
 
+NORMS: tuple[str, ...] = ("pre", "post")  # where each block's LayerNorms sit
+POOLINGS: tuple[str, ...] = ("cls", "mean")  # how SequenceClassifier reads one vector out
+
 
 @dataclass
 class EncoderConfig:
@@ -51,10 +54,10 @@ class EncoderConfig:
     cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token": CoPE's gate (encoders.cope)
 
     def __post_init__(self) -> None:
-        if self.norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.cope_gate not in GATES:
             raise ValueError(f"cope_gate must be one of {', '.join(GATES)}, got {self.cope_gate!r}")
         if self.dim % self.heads:

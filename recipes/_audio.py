@@ -29,6 +29,8 @@ import torchaudio
 from torch.utils.data import Dataset
 
 from recipes.base import Config, UserError
+from recipes.folders import list_class_files
+from recipes.folders import read_list as read_list  # one parser for every list file
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 TOP_DB = 80.0  # the floor below each clip's loudest mel bin, as torchaudio's MFCC uses
@@ -340,19 +342,8 @@ def advance(bar: Any, steps: int = 1) -> None:
 def scan_class_folders(root: Path, skip: Iterable[str] = ()) -> list[tuple[str, str]]:
     """(path relative to root, class name) of every WAV/FLAC in root's class sub-folders, sorted."""
     skipped = set(skip)
-    items = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name in skipped or folder.name.startswith("."):
-            continue
-        for file in sorted(folder.rglob("*")):
-            if file.is_file() and file.suffix.lower() in AUDIO_EXTENSIONS:
-                items.append((file.relative_to(root).as_posix(), folder.name))
-    return items
-
-
-def read_list(path: Path) -> set[str]:
-    """Relative paths listed one per line (Speech Commands' validation/testing lists)."""
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    classes = list_class_files(root, AUDIO_EXTENSIONS)
+    return [(rel, name) for name, files in classes.items() if name not in skipped for rel in files]
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -406,6 +397,38 @@ class Augmentation:
         for _ in range(self.time_masks):
             _mask_along(features, 0, min(self.time_mask_width, features.shape[0]))
         return features
+
+
+@dataclass(frozen=True)
+class SpecAugmentSettings:
+    """Training augmentation options (``data.*``) of the audio recipes; 0 turns one off."""
+
+    shift_ms: float = 0.0  # random time shift of up to this much either way
+    time_masks: int = 0
+    time_mask_width: int = 10  # frames
+    freq_masks: int = 0
+    freq_mask_width: int = 5  # feature bins
+
+    def augmentation(
+        self,
+        hop_ms: float,
+        noise: Ragged | None = None,
+        noise_prob: float = 0.0,
+        noise_volume: float = 0.0,
+    ) -> Augmentation | None:
+        """The :class:`Augmentation` these options describe, or None when it does nothing."""
+        augmentation = Augmentation(
+            shift_frames=round(self.shift_ms / hop_ms),
+            noise=noise,
+            noise_prob=noise_prob,
+            noise_volume=noise_volume,
+            freq_masks=self.freq_masks,
+            freq_mask_width=self.freq_mask_width,
+            time_masks=self.time_masks,
+            time_mask_width=self.time_mask_width,
+        )
+        active = augmentation.shift_frames or augmentation.freq_masks or augmentation.time_masks
+        return augmentation if active or noise is not None else None
 
 
 def _mask_along(features: torch.Tensor, axis: int, width: int) -> None:

@@ -277,22 +277,6 @@ def load_clip(clip: Tensor | Path) -> Tensor:
     return torch.load(clip, weights_only=True)
 
 
-def find_videos(root: Path) -> dict[str, list[Path]]:
-    """Video files under each class sub-folder of ``root`` (sorted), by class name."""
-    classes: dict[str, list[Path]] = {}
-    for folder in sorted(child for child in root.iterdir() if child.is_dir()):
-        if folder.name.startswith((".", "_")):
-            continue  # caches and hidden folders are not classes
-        files = sorted(
-            path
-            for path in folder.rglob("*")
-            if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
-        )
-        if files:
-            classes[folder.name] = files
-    return classes
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 

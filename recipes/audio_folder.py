@@ -1,13 +1,11 @@
 """`audio-folder`: classify the audio files of any folder of class sub-folders.
 
 ``<data-dir>/<class>/**/*.wav|flac`` at any sample rate, mono or stereo (channels averaged,
-resampled to data.sample_rate). Splits: by list files (``data.val_list`` / ``data.test_list``,
-paths relative to the data dir, one per line; ``validation_list.txt`` / ``testing_list.txt`` are
-used when present and data.split is "auto") or, otherwise, per class at random from data.seed
-(``data.val_fraction``, ``data.test_fraction``). Files soundfile cannot read are skipped and
-counted. Clips keep their length (up to ``data.max_seconds``) unless ``data.clip_seconds`` pads
-or crops them to a fixed length. Features: log-mel (default) or MFCC, cached once per setting
-under ``<data-dir>/.cache`` (see :mod:`recipes._audio`).
+resampled to data.sample_rate). Listing and splits (list files or a stratified split by
+data.seed) are :mod:`recipes.folders`', shared with the other folder recipes. Files soundfile
+cannot read are skipped and counted. Clips keep their length (up to ``data.max_seconds``)
+unless ``data.clip_seconds`` pads or crops them to a fixed length. Features: log-mel (default)
+or MFCC, cached once per setting under ``<data-dir>/.cache`` (see :mod:`recipes._audio`).
 """
 
 from __future__ import annotations
@@ -17,24 +15,23 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
+from recipes import folders
 from recipes._audio import (
+    AUDIO_EXTENSIONS,
     AudioReadError,
-    Augmentation,
     FeatureDataset,
     FeatureSettings,
     MelAnalyzer,
     Ragged,
+    SpecAugmentSettings,
     advance,
     cached,
     centre,
     feature_stats,
     progress_bar,
     read_audio,
-    read_list,
-    scan_class_folders,
     settings_hash,
     single_thread,
 )
@@ -48,33 +45,22 @@ from recipes.base import (
     pad_collate,
     register_recipe,
 )
+from recipes.settings import defaults_of, settings_of
 
 CACHE_VERSION = 2  # 2: samples with NaN/inf are skipped (c6abaf6), not cached
-DEFAULT_LISTS = ("validation_list.txt", "testing_list.txt")
 
 
-def split_by_seed(
-    labels: list[int], val_fraction: float, test_fraction: float, seed: int
-) -> list[str]:
-    """ "train"/"val"/"test" per item, drawn per class so every split sees every class."""
-    rng = np.random.default_rng([seed, 7])
-    split_of = ["train"] * len(labels)
-    for label in sorted(set(labels)):
-        members = [i for i, value in enumerate(labels) if value == label]
-        order = rng.permutation(len(members))
-        n_val = round(len(members) * val_fraction)
-        n_test = round(len(members) * test_fraction)
-        for rank, position in enumerate(order):
-            if rank < n_val:
-                split_of[members[position]] = "val"
-            elif rank < n_val + n_test:
-                split_of[members[position]] = "test"
-    return split_of
+@dataclasses.dataclass(frozen=True)
+class ClipSettings:
+    """audio-folder's own ``data.*`` options (analysis: FeatureSettings; SpecAugmentSettings)."""
 
+    clip_seconds: float = 0.0  # > 0: pad or crop every clip to this length around its middle
+    max_seconds: float = 10.0  # > 0: crop longer clips (when clip_seconds is 0)
+    stack: int = 2  # feature frames per token
 
-def split_by_lists(relatives: list[str], val: set[str], test: set[str]) -> list[str]:
-    """ "test" for listed test files, "val" for listed validation files, else "train"."""
-    return ["test" if rel in test else "val" if rel in val else "train" for rel in relatives]
+    def __post_init__(self) -> None:
+        if self.stack < 1:
+            raise UserError(f"data.stack must be at least 1, got {self.stack}")
 
 
 def build_cache(
@@ -112,6 +98,28 @@ def build_cache(
     }
 
 
+def cached_features(
+    root: Path, relatives: list[str], settings: FeatureSettings, clips: ClipSettings
+) -> dict[str, Any]:
+    """The features of every listed file, built once per (analysis, clip settings, listing)."""
+    listing = hashlib.sha256(
+        "".join(f"{rel}:{(root / rel).stat().st_size}\n" for rel in relatives).encode()
+    ).hexdigest()
+    key = settings_hash(
+        {
+            "version": CACHE_VERSION,
+            "analysis": settings.analysis_key(),
+            "clip_seconds": clips.clip_seconds,
+            "max_seconds": clips.max_seconds,
+            "listing": listing,
+        }
+    )
+    return cached(
+        root / ".cache" / f"features-{key}.pt",
+        lambda: build_cache(root, relatives, settings, clips.clip_seconds, clips.max_seconds),
+    )
+
+
 @register_recipe
 class AudioFolder(Recipe):
     """Any folder of class sub-folders of WAV/FLAC files."""
@@ -122,25 +130,15 @@ class AudioFolder(Recipe):
     data_source = "folder"
     metric = "accuracy"
     defaults: Config = {
+        **folders.FOLDER_DEFAULTS,
         "data.features": "logmel",
         "data.n_features": 40,
         "data.n_mels": 40,
         "data.sample_rate": 16000,
         "data.win_ms": 25.0,
         "data.hop_ms": 10.0,
-        "data.stack": 2,
-        "data.clip_seconds": 0.0,
-        "data.max_seconds": 10.0,
-        "data.split": "auto",
-        "data.val_list": "",
-        "data.test_list": "",
-        "data.val_fraction": 0.1,
-        "data.test_fraction": 0.1,
-        "data.shift_ms": 0.0,
-        "data.time_masks": 0,
-        "data.time_mask_width": 10,
-        "data.freq_masks": 0,
-        "data.freq_mask_width": 5,
+        **defaults_of(ClipSettings),
+        **defaults_of(SpecAugmentSettings),
         "model.dim": 64,
         "model.depth": 2,
         "model.heads": 4,
@@ -149,111 +147,40 @@ class AudioFolder(Recipe):
     }
     presets: dict[str, Config] = {}
 
-    def list_files(self, root: Path, config: Config) -> tuple[Path | None, Path | None]:
-        """The validation and test list files to split by, or (None, None) to split by seed."""
-        mode = str(config.get("data.split", "auto"))
-        if mode not in ("auto", "seed", "lists"):
-            raise UserError(f"data.split must be auto, seed or lists, not {mode!r}")
-        names = (str(config.get("data.val_list", "")), str(config.get("data.test_list", "")))
-        if mode == "seed":
-            return None, None
-        if any(names):
-            paths = tuple(root / name if name else None for name in names)
-        else:
-            paths = tuple(root / name for name in DEFAULT_LISTS)
-            if mode == "auto" and not all(path.is_file() for path in paths):
-                return None, None
-        for path in paths:
-            if path is not None and not path.is_file():
-                raise UserError(f"list file not found: {path}")
-        return paths  # type: ignore[return-value]
-
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
-        if data_dir is None:
-            raise UserError("audio-folder needs --data-dir DIR (class sub-folders of WAV/FLAC)")
-        root = Path(data_dir)
-        if not root.is_dir():
-            raise UserError(f"data folder not found: {root}")
-        items = scan_class_folders(root)
-        if not items:
-            raise UserError(f"{root} holds no class sub-folders with .wav or .flac files")
-        classes = sorted({name for _, name in items})
-        if len(classes) < 2:
-            raise UserError(f"{root} has one class folder ({classes[0]}); at least two are needed")
-        relatives = [relative for relative, _ in items]
-        labels = [classes.index(name) for _, name in items]
-        val_list, test_list = self.list_files(root, config)
-        if val_list is None and test_list is None:
-            split_of = split_by_seed(
-                labels,
-                float(config.get("data.val_fraction", 0.1)),
-                float(config.get("data.test_fraction", 0.1)),
-                int(config.get("data.seed", 0)),
-            )
-        else:
-            split_of = split_by_lists(
-                relatives,
-                read_list(val_list) if val_list else set(),
-                read_list(test_list) if test_list else set(),
-            )
-
-        settings = FeatureSettings.from_config(config)
-        clip_seconds = float(config.get("data.clip_seconds", 0.0))
-        max_seconds = float(config.get("data.max_seconds", 10.0))
-        listing = hashlib.sha256(
-            "".join(f"{rel}:{(root / rel).stat().st_size}\n" for rel in relatives).encode()
-        ).hexdigest()
-        key = settings_hash(
-            {
-                "version": CACHE_VERSION,
-                "analysis": settings.analysis_key(),
-                "clip_seconds": clip_seconds,
-                "max_seconds": max_seconds,
-                "listing": listing,
-            }
-        )
-        cache = cached(
-            root / ".cache" / f"features-{key}.pt",
-            lambda: build_cache(root, relatives, settings, clip_seconds, max_seconds),
-        )
+        """List and split the folder, read (or load the cached) features, wrap the splits."""
+        root = folders.folder_root(data_dir, self.name, "WAV/FLAC")
+        classes = folders.find_class_files(root, AUDIO_EXTENSIONS, "audio")
+        assignment = folders.assign_splits(root, classes, folders.SplitSettings.from_config(config))
+        settings, clips = FeatureSettings.from_config(config), settings_of(ClipSettings, config)
+        relatives = [relative for files in classes.values() for relative in files]
+        cache = cached_features(root, relatives, settings, clips)
         mel_db = Ragged(cache["mel_db"]["flat"], cache["mel_db"]["offsets"])
-        rows = cache["rows"].tolist()
+        row_of = dict(zip(relatives, cache["rows"].tolist(), strict=True))
         chosen: dict[str, tuple[list[int], list[int]]] = {}
-        for split in ("train", "val", "test"):
-            members = [i for i, where in enumerate(split_of) if where == split and rows[i] >= 0]
-            chosen[split] = ([rows[i] for i in members], [labels[i] for i in members])
-            if not members:
-                unreadable = sum(where == split for where in split_of)  # all of them, if any
-                why = f" (all {unreadable} of its files are unreadable)" if unreadable else ""
-                raise UserError(
-                    f"the {split} split of {root} is empty{why}; add files, or change "
-                    "data.val_fraction / data.test_fraction or the list files"
-                )
+        for split, members in assignment.items():
+            readable = [(row_of[rel], label) for rel, label in members if row_of[rel] >= 0]
+            chosen[split] = ([row for row, _ in readable], [label for _, label in readable])
+        folders.check_splits_not_empty(
+            root,
+            {split: len(rows) for split, (rows, _) in chosen.items()},
+            {split: len(members) for split, members in assignment.items()},
+        )
         analyzer = MelAnalyzer(settings)
         mean, std = feature_stats(mel_db, chosen["train"][0], analyzer)
-        augmentation = Augmentation(
-            shift_frames=round(float(config.get("data.shift_ms", 0.0)) / settings.hop_ms),
-            freq_masks=int(config.get("data.freq_masks", 0)),
-            freq_mask_width=int(config.get("data.freq_mask_width", 0)),
-            time_masks=int(config.get("data.time_masks", 0)),
-            time_mask_width=int(config.get("data.time_mask_width", 0)),
-        )
-        augment = augmentation.shift_frames or augmentation.freq_masks or augmentation.time_masks
+        augmentation = settings_of(SpecAugmentSettings, config).augmentation(settings.hop_ms)
 
         def dataset(split: str) -> FeatureDataset:
-            extra = augmentation if split == "train" and augment else None
+            extra = augmentation if split == "train" else None
             return FeatureDataset(mel_db, *chosen[split], analyzer, mean, std, extra)
 
-        stack = int(config.get("data.stack", 2))
-        if stack < 1:
-            raise UserError(f"data.stack must be at least 1, got {stack}")
         longest = max(mel_db.length(row) for split in chosen.values() for row in split[0])
         info = {
             "num_classes": len(classes),
-            "class_names": classes,
+            "class_names": list(classes),
             "feature_dim": settings.n_features,
-            "stack": stack,
-            "max_len": -(-longest // stack) + 1,  # + the classifier's CLS token
+            "stack": clips.stack,
+            "max_len": -(-longest // clips.stack) + 1,  # + the classifier's CLS token
         }
         splits = {
             "val": Split(dataset("val"), description="validation files"),

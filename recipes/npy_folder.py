@@ -6,13 +6,11 @@ Layout (any modality that is already features: sensors, EEG, embeddings, cached 
     DATA_DIR/validation_list.txt        optional, Speech Commands style: one
     DATA_DIR/testing_list.txt           "<class>/<item>.npy" per line
 
-Sub-folders whose names start with "." or "_" are not classes (e.g. ``_background_noise_``).
-With both list files, the listed items form the validation and test splits and the rest the
-training split; without them each class is shuffled with ``data.seed`` and cut by
-``data.val_fraction`` and ``data.test_fraction`` (stratified, the same split for every model
-seed). Bad items (unreadable, not 2-D, not a real number type, empty, NaN or infinite, or with
-a feature count other than the majority's) are skipped, counted in ``DataBundle.skipped`` and
-reported in one log line; an empty or missing folder is a UserError.
+Listing and splits (the list files, or each class shuffled with ``data.seed`` and cut by
+``data.val_fraction`` and ``data.test_fraction``) are :mod:`recipes.folders`', shared with the
+other folder recipes. Bad items (unreadable, not 2-D, not a real number type, empty, NaN or
+infinite, or with a feature count other than the majority's) are dropped from their split,
+counted in ``DataBundle.skipped`` and reported in one log line.
 
 Features are standardised per feature with the training split's mean and deviation
 (``data.normalize``); the model is a FeatureFrontend (``data.stack`` frames per token), a
@@ -22,8 +20,8 @@ bidirectional encoder and a SequenceClassifier.
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from recipes._text import option
+from recipes import folders
 from recipes.base import (
     Config,
     DataBundle,
@@ -43,10 +41,22 @@ from recipes.base import (
     pad_collate,
     register_recipe,
 )
+from recipes.settings import defaults_of, settings_of
 
 LOG = logging.getLogger(__name__)
-VALIDATION_LIST = "validation_list.txt"
-TESTING_LIST = "testing_list.txt"
+
+
+@dataclass(frozen=True)
+class ArraySettings:
+    """npy-folder's own ``data.*`` options."""
+
+    stack: int = 1  # frames per token
+    normalize: bool = True  # standardise each feature with the training split's statistics
+    max_frames: int = 0  # > 0 keeps only the first max_frames frames of each item
+
+    def __post_init__(self) -> None:
+        if self.stack < 1:
+            raise UserError(f"data.stack must be at least 1, got {self.stack}")
 
 
 class FeatureDataset(Dataset):
@@ -60,18 +70,6 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"inputs": self.arrays[index], "targets": self.labels[index]}
-
-
-def class_folders(root: Path) -> list[Path]:
-    """The class sub-folders of ``root``, sorted by name; a UserError when there are none."""
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist or is not a folder")
-    folders = sorted(
-        path for path in root.iterdir() if path.is_dir() and not path.name.startswith((".", "_"))
-    )
-    if not folders:
-        raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<item>.npy)")
-    return folders
 
 
 def read_features(path: Path) -> tuple[np.ndarray | None, str]:
@@ -94,31 +92,45 @@ def read_features(path: Path) -> tuple[np.ndarray | None, str]:
     return array, ""
 
 
-def read_list(root: Path, name: str) -> set[str]:
-    """Relative item paths (``class/item.npy``) listed in a Speech Commands style list file."""
-    lines = (root / name).read_text().splitlines()
-    return {line.strip().replace("\\", "/") for line in lines if line.strip()}
+def read_usable(
+    root: Path, relatives: list[str], max_frames: int
+) -> tuple[dict[str, np.ndarray], Counter[str]]:
+    """The usable arrays by relative path (cropped), and how many files failed for which reason.
+
+    Arrays whose feature count is not the majority's are dropped too.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    reasons: Counter[str] = Counter()
+    for relative in relatives:
+        array, reason = read_features(root / relative)
+        if array is None:
+            reasons[reason] += 1
+        else:
+            arrays[relative] = array[:max_frames] if max_frames > 0 else array
+    if not arrays:
+        raise UserError(
+            f"none of the .npy files under {root} holds a usable (time, features) array"
+        )
+    feature_dim = Counter(array.shape[1] for array in arrays.values()).most_common(1)[0][0]
+    for key in [key for key, array in arrays.items() if array.shape[1] != feature_dim]:
+        del arrays[key]
+        reasons[f"not {feature_dim} features"] += 1
+    skipped = sum(reasons.values())
+    if skipped:
+        detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        total = skipped + len(arrays)
+        LOG.warning(
+            "npy-folder: skipped %d of %d files under %s (%s)", skipped, total, root, detail
+        )
+    return arrays, reasons
 
 
-def seeded_split(
-    class_name: str, names: list[str], seed: int, val_fraction: float, test_fraction: float
-) -> dict[str, list[str]]:
-    """Split one class's item names into train/val/test with a shuffle fixed by the seed."""
-    shuffled = sorted(names)
-    random.Random(f"{seed}:{class_name}").shuffle(shuffled)
-    count = len(shuffled)
-
-    def share(fraction: float) -> int:
-        wanted = round(count * fraction)
-        # A small class still lends one item to each held-out split it can spare.
-        return max(wanted, 1) if fraction > 0 and count >= 3 else wanted
-
-    val, test = share(val_fraction), share(test_fraction)
-    return {
-        "val": shuffled[:val],
-        "test": shuffled[val : val + test],
-        "train": shuffled[val + test :],
-    }
+def feature_statistics(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and deviation over all training frames (deviation floored)."""
+    frames = np.concatenate(arrays, axis=0).astype(np.float64)
+    mean = frames.mean(axis=0)
+    std = np.maximum(frames.std(axis=0), 1e-6)
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 @register_recipe
@@ -133,162 +145,58 @@ class NpyFolder(Recipe):
     defaults: Config = {
         "model.causal": False,
         "model.pooling": "cls",
-        "data.val_fraction": 0.1,
-        "data.test_fraction": 0.1,
-        "data.stack": 1,
-        "data.normalize": True,
-        "data.max_frames": 0,  # > 0 keeps only the first max_frames frames of each item
+        **folders.FOLDER_DEFAULTS,
+        **defaults_of(ArraySettings),
     }
     presets: dict[str, Config] = {}
     default_preset = None
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Read, check and split the folder; standardise with training statistics."""
-        if data_dir is None:
-            raise UserError(
-                "npy-folder reads a folder: pass --data-dir DIR holding one sub-folder of .npy "
-                "files per class"
-            )
-        root = Path(data_dir).expanduser()
-        seed = option(config, "data.seed", int)
-        val_fraction = option(config, "data.val_fraction", float)
-        test_fraction = option(config, "data.test_fraction", float)
-        if not (
-            0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
-        ):
-            raise UserError(
-                "data.val_fraction and data.test_fraction must lie in [0, 1) and sum below 1"
-            )
-        max_frames = option(config, "data.max_frames", int)
-
-        folders = class_folders(root)
-        files: dict[str, list[Path]] = {}
-        for folder in folders:
-            found = sorted(folder.rglob("*.npy"))
-            if not found:
-                raise UserError(f"class folder {folder} holds no .npy files")
-            files[folder.name] = found
-
-        arrays: dict[str, np.ndarray] = {}
-        reasons: Counter[str] = Counter()
-        for class_files in files.values():
-            for path in class_files:
-                array, reason = read_features(path)
-                key = path.relative_to(root).as_posix()
-                if array is None:
-                    reasons[reason] += 1
-                    continue
-                arrays[key] = array[:max_frames] if max_frames > 0 else array
-        if not arrays:
-            raise UserError(
-                f"none of the .npy files under {root} holds a usable (time, features) array"
-            )
-        feature_counts = Counter(array.shape[1] for array in arrays.values())
-        feature_dim = feature_counts.most_common(1)[0][0]
-        for key in [key for key, array in arrays.items() if array.shape[1] != feature_dim]:
-            del arrays[key]
-            reasons[f"not {feature_dim} features"] += 1
-        skipped = sum(reasons.values())
-        if skipped:
-            detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-            LOG.warning(
-                "npy-folder: skipped %d of %d files under %s (%s)",
-                skipped,
-                skipped + len(arrays),
-                root,
-                detail,
-            )
-
-        assignment = self._assign_splits(root, files, arrays, seed, val_fraction, test_fraction)
-        class_names = [folder.name for folder in folders]
-        class_ids = {name: index for index, name in enumerate(class_names)}
-        for split in ("train", "val", "test"):
-            if not assignment[split]:
-                raise UserError(
-                    f"the {split} split of {root} is empty: add files, or change "
-                    "data.val_fraction / data.test_fraction (or the list files)"
-                )
-
-        mean, std = self._statistics([arrays[key] for key in assignment["train"]])
-        normalize = option(config, "data.normalize", bool)
+        root = folders.folder_root(data_dir, self.name, ".npy")
+        split_settings = folders.SplitSettings.from_config(config)
+        settings = settings_of(ArraySettings, config)
+        classes = folders.find_class_files(root, (".npy",), "npy")
+        assignment = folders.assign_splits(root, classes, split_settings)
+        relatives = [relative for files in classes.values() for relative in files]
+        arrays, reasons = read_usable(root, relatives, settings.max_frames)
+        usable = {
+            split: [(key, label) for key, label in members if key in arrays]
+            for split, members in assignment.items()
+        }
+        folders.check_splits_not_empty(
+            root,
+            {split: len(members) for split, members in usable.items()},
+            {split: len(members) for split, members in assignment.items()},
+        )
+        mean, std = feature_statistics([arrays[key] for key, _ in usable["train"]])
 
         def dataset(split: str) -> FeatureDataset:
-            keys = assignment[split]
             tensors = []
-            for key in keys:
-                array = (arrays[key] - mean) / std if normalize else arrays[key]
+            for key, _ in usable[split]:
+                array = (arrays[key] - mean) / std if settings.normalize else arrays[key]
                 tensors.append(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
-            labels = [class_ids[key.split("/", 1)[0]] for key in keys]
+            keys, labels = [key for key, _ in usable[split]], [label for _, label in usable[split]]
             return FeatureDataset(tensors, labels, keys)
 
-        stack = option(config, "data.stack", int)
-        if stack < 1:
-            raise UserError(f"data.stack must be at least 1, got {stack}")
         longest = max(array.shape[0] for array in arrays.values())
+        lists = folders.split_lists(root, split_settings) is not None
         info = {
-            "num_classes": len(class_names),
-            "class_names": class_names,
-            "feature_dim": feature_dim,
-            "stack": stack,
-            "max_len": -(-longest // stack),  # tokens of the longest item after stacking
-            "split_source": "list files" if (root / VALIDATION_LIST).exists() else f"seed {seed}",
+            "num_classes": len(classes),
+            "class_names": list(classes),
+            "feature_dim": next(iter(arrays.values())).shape[1],
+            "stack": settings.stack,
+            "max_len": -(-longest // settings.stack),  # tokens of the longest item, stacked
+            "split_source": "list files" if lists else f"seed {split_settings.seed}",
             "skipped_reasons": dict(reasons),
             "feature_mean": mean.tolist(),
             "feature_std": std.tolist(),
         }
-        return DataBundle(
-            train=dataset("train"),
-            splits={
-                "val": Split(dataset("val"), description="validation items"),
-                "test": Split(dataset("test"), description="test items"),
-            },
-            collate=pad_collate,
-            info=info,
-            skipped=skipped,
-        )
-
-    @staticmethod
-    def _assign_splits(
-        root: Path,
-        files: dict[str, list[Path]],
-        arrays: dict[str, np.ndarray],
-        seed: int,
-        val_fraction: float,
-        test_fraction: float,
-    ) -> dict[str, list[str]]:
-        """Usable item keys per split, from the list files when present, else by seed."""
-        has_val, has_test = (root / VALIDATION_LIST).exists(), (root / TESTING_LIST).exists()
-        if has_val != has_test:
-            present, missing = (
-                (VALIDATION_LIST, TESTING_LIST) if has_val else (TESTING_LIST, VALIDATION_LIST)
-            )
-            raise UserError(f"{root} has {present} but no {missing}: provide both or neither")
-        assignment: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-        if has_val:
-            listed_val, listed_test = (
-                read_list(root, VALIDATION_LIST),
-                read_list(root, TESTING_LIST),
-            )
-            for key in sorted(arrays):
-                split = "val" if key in listed_val else "test" if key in listed_test else "train"
-                assignment[split].append(key)
-            return assignment
-        for class_name, class_files in files.items():
-            keys = [path.relative_to(root).as_posix() for path in class_files]
-            usable = [key for key in keys if key in arrays]
-            for split, chosen in seeded_split(
-                class_name, usable, seed, val_fraction, test_fraction
-            ).items():
-                assignment[split].extend(chosen)
-        return assignment
-
-    @staticmethod
-    def _statistics(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature mean and deviation over all training frames (deviation floored)."""
-        frames = np.concatenate(arrays, axis=0).astype(np.float64)
-        mean = frames.mean(axis=0)
-        std = np.maximum(frames.std(axis=0), 1e-6)
-        return mean.astype(np.float32), std.astype(np.float32)
+        splits = {
+            "val": Split(dataset("val"), description="validation items"),
+            "test": Split(dataset("test"), description="test items"),
+        }
+        return DataBundle(dataset("train"), splits, pad_collate, info, sum(reasons.values()))
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
         """FeatureFrontend (stacked frames) + encoder + sequence classification head."""

@@ -38,20 +38,23 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from recipes import folders
 from recipes._audio import (
     AudioReadError,
-    Augmentation,
     FeatureDataset,
     FeatureSettings,
     MelAnalyzer,
     Ragged,
+    SpecAugmentSettings,
     advance,
     cached,
     centre,
@@ -61,7 +64,6 @@ from recipes._audio import (
     fit_length,
     progress_bar,
     read_audio,
-    read_list,
     scan_class_folders,
     settings_hash,
     single_thread,
@@ -76,6 +78,7 @@ from recipes.base import (
     pad_collate,
     register_recipe,
 )
+from recipes.settings import defaults_of, settings_of
 
 ARCHIVE_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 # Digest and size of the official archive as published in TFDS's checksum list and elsewhere;
@@ -350,6 +353,47 @@ def build_cache(
 # ----------------------------------------------------------------------------- protocol
 
 
+def cached_features(
+    root: Path,
+    items: list[tuple[str, str]],
+    split_of: list[str],
+    noise_files: list[Path],
+    settings: FeatureSettings,
+    seed: int,
+) -> dict[str, Any]:
+    """The cache of :func:`build_cache`, keyed by everything that goes into it."""
+    ood = OodSettings()
+    key = settings_hash(
+        {
+            "version": CACHE_VERSION,
+            "analysis": settings.analysis_key(),
+            "seed": seed,
+            "ood": dataclasses.asdict(ood),
+            "listing": listing_signature(root, items, noise_files),
+        }
+    )
+    return cached(
+        root / ".cache" / f"features-{key}.pt",
+        lambda: build_cache(root, items, split_of, noise_files, settings, ood, seed),
+    )
+
+
+def ood_splits(
+    cache: dict[str, Any],
+    test: tuple[list[int], list[int], list[int]],
+    dataset: Callable[[list[int], list[int]], Dataset],
+) -> dict[str, Split]:
+    """The OOD variants of the protocol's test items (rows aligned with cache["ood_items"])."""
+    position_of = {int(item): pos for pos, item in enumerate(cache["ood_items"].tolist())}
+    _, test_labels, test_items = test
+    splits = {}
+    for name, description in OOD_SPLITS.items():
+        variant = cache["ood_rows"][name]
+        rows = [int(variant[position_of[item]]) for item in test_items]
+        splits[name] = Split(dataset(rows, test_labels), ood=True, description=description)
+    return splits
+
+
 def protocol_classes(protocol: str, words: list[str]) -> list[str]:
     """Class names of a protocol, in label order."""
     if protocol == "12":
@@ -399,6 +443,23 @@ def select_split(
 
 # ----------------------------------------------------------------------------- recipe
 
+
+@dataclasses.dataclass(frozen=True)
+class SpeechSettings:
+    """speech-commands' own ``data.*`` options (analysis: FeatureSettings; SpecAugmentSettings)."""
+
+    seed: int = 0  # silence excerpts, unknown-word subsampling and OOD draws
+    protocol: str = "12"  # "12" or "35"
+    stack: int = 1  # feature frames per token
+    unknown_scale: float = 1.0  # _unknown_ items per split, relative to the mean word count
+    noise_prob: float = 0.8  # training: chance of mixing in background noise
+    noise_volume: float = 0.1  # its waveform gain, drawn from [0, noise_volume]
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("12", "35"):
+            raise UserError(f"data.protocol must be '12' or '35', not {self.protocol!r}")
+
+
 KWT_TRAINING: Config = {
     # Keyword Transformer (Berg et al. 2021): AdamW, lr 1e-3, wd 0.1, 10 warm-up epochs,
     # batch 512, 140 epochs (84,843 training clips -> 166 steps per epoch). KWT also used label
@@ -434,22 +495,18 @@ class SpeechCommands(Recipe):
     archive_sha256: str | None = ARCHIVE_SHA256
     archive_size: int | None = ARCHIVE_SIZE
     defaults: Config = {
-        "data.protocol": "12",
+        **defaults_of(SpeechSettings),
         "data.features": "mfcc",
         "data.n_features": 40,
         "data.n_mels": 40,
         "data.sample_rate": 16000,
         "data.win_ms": 30.0,
         "data.hop_ms": 10.0,
-        "data.stack": 1,
-        "data.unknown_scale": 1.0,
+        **defaults_of(SpecAugmentSettings),
+        # Keyword spotting trains with a 100 ms shift and two masks of each kind (KWT's setting).
         "data.shift_ms": 100.0,
-        "data.noise_prob": 0.8,
-        "data.noise_volume": 0.1,
         "data.time_masks": 2,
-        "data.time_mask_width": 10,
         "data.freq_masks": 2,
-        "data.freq_mask_width": 5,
         "model.dim": 64,
         "model.depth": 2,
         "model.heads": 4,
@@ -521,66 +578,42 @@ class SpeechCommands(Recipe):
         return root
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
-        protocol = str(config.get("data.protocol", "12"))
-        if protocol not in ("12", "35"):
-            raise UserError(f"data.protocol must be '12' or '35', not {protocol!r}")
+        """Features of the protocol's splits (cached), then the OOD variants of the test split."""
+        speech = settings_of(SpeechSettings, config)
         root = self.locate(data_dir, download)
         settings = FeatureSettings.from_config(config)
-        seed = int(config.get("data.seed", 0))
         items = scan_class_folders(root, skip=[NOISE_FOLDER])
         if not items:
             raise UserError(f"{root} holds no word folders with WAV files")
-        validation = read_list(root / "validation_list.txt")
-        testing = read_list(root / "testing_list.txt")
+        lists = folders.split_lists(root, folders.SplitSettings(split="lists"))
+        assert lists is not None  # split="lists" never falls back to the seed
         split_of = [
-            "test" if rel in testing else "val" if rel in validation else "train"
+            "test" if rel in lists["test"] else "val" if rel in lists["val"] else "train"
             for rel, _ in items
         ]
         noise_files = sorted((root / NOISE_FOLDER).glob("*.wav"))
-        ood = OodSettings()
-        key = settings_hash(
-            {
-                "version": CACHE_VERSION,
-                "analysis": settings.analysis_key(),
-                "seed": seed,
-                "ood": dataclasses.asdict(ood),
-                "listing": listing_signature(root, items, noise_files),
-            }
-        )
-        cache = cached(
-            root / ".cache" / f"features-{key}.pt",
-            lambda: build_cache(root, items, split_of, noise_files, settings, ood, seed),
-        )
+        cache = cached_features(root, items, split_of, noise_files, settings, speech.seed)
         mel_db = Ragged(cache["mel_db"]["flat"], cache["mel_db"]["offsets"])
-        words = sorted({word for _, word in items})
-        classes = protocol_classes(protocol, words)
-        unknown_scale = float(config.get("data.unknown_scale", 1.0))
+        classes = protocol_classes(speech.protocol, sorted({word for _, word in items}))
         selections = {
             split: select_split(
-                protocol,
+                speech.protocol,
                 split,
                 items,
                 split_of,
                 cache["clip_rows"],
                 cache["silence_rows"][split],
                 classes,
-                seed,
-                unknown_scale,
+                speech.seed,
+                speech.unknown_scale,
             )
             for split in ("train", "val", "test")
         }
         analyzer = MelAnalyzer(settings)
         mean, std = feature_stats(mel_db, selections["train"][0], analyzer)
         noise = Ragged.from_list([mel_db[int(row)] for row in cache["noise_rows"]])
-        augmentation = Augmentation(
-            shift_frames=round(float(config.get("data.shift_ms", 100.0)) / settings.hop_ms),
-            noise=noise,
-            noise_prob=float(config.get("data.noise_prob", 0.8)),
-            noise_volume=float(config.get("data.noise_volume", 0.1)),
-            freq_masks=int(config.get("data.freq_masks", 0)),
-            freq_mask_width=int(config.get("data.freq_mask_width", 0)),
-            time_masks=int(config.get("data.time_masks", 0)),
-            time_mask_width=int(config.get("data.time_mask_width", 0)),
+        augmentation = settings_of(SpecAugmentSettings, config).augmentation(
+            settings.hop_ms, noise, speech.noise_prob, speech.noise_volume
         )
 
         def dataset(rows: list[int], labels: list[int], train: bool = False) -> FeatureDataset:
@@ -591,14 +624,8 @@ class SpeechCommands(Recipe):
         splits = {
             "val": Split(dataset(*selections["val"][:2]), description="validation_list.txt"),
             "test": Split(dataset(*selections["test"][:2]), description="testing_list.txt"),
+            **ood_splits(cache, selections["test"], dataset),
         }
-        # OOD rows are aligned with cache["ood_items"]; pick those of the protocol's test set
-        position_of = {int(item): pos for pos, item in enumerate(cache["ood_items"].tolist())}
-        test_rows, test_labels, test_items = selections["test"]
-        for name, description in OOD_SPLITS.items():
-            variant = cache["ood_rows"][name]
-            rows = [int(variant[position_of[item]]) for item in test_items]
-            splits[name] = Split(dataset(rows, test_labels), ood=True, description=description)
         every_row = [row for rows, _, _ in selections.values() for row in rows]
         every_row += [int(row) for rows in cache["ood_rows"].values() for row in rows]
         longest = max(mel_db.length(row) for row in every_row)
@@ -606,9 +633,9 @@ class SpeechCommands(Recipe):
             "num_classes": len(classes),
             "class_names": classes,
             "feature_dim": settings.n_features,
-            "stack": int(config.get("data.stack", 1)),
-            "max_len": -(-longest // int(config.get("data.stack", 1))) + 1,  # + CLS
-            "protocol": protocol,
+            "stack": speech.stack,
+            "max_len": -(-longest // speech.stack) + 1,  # + CLS
+            "protocol": speech.protocol,
             "root": str(root),
         }
         train = dataset(*selections["train"][:2], train=True)

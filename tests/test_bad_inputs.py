@@ -296,11 +296,11 @@ FATAL = [
     Fatal("npy data-dir is a file", folder_recipe("npy-folder", a_file), "is not a folder"),
     Fatal("video data-dir is a file", folder_recipe("video-folder", a_file), "does not exist"),
     Fatal("missing video folder", folder_recipe("video-folder", None), "does not exist"),
-    Fatal("empty video folder", folder_recipe("video-folder", Path.mkdir), "no video files"),
+    Fatal("empty video folder", folder_recipe("video-folder", Path.mkdir), "no class sub-folders"),
     Fatal(
         "only broken videos",
         folder_recipe("video-folder", only_bad_video, *TINY_VIDEO),
-        "no readable video",
+        "files are unreadable",
     ),
     Fatal(
         "speech commands not downloaded", folder_recipe("speech-commands", Path.mkdir), "--download"

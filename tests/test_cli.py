@@ -249,7 +249,7 @@ def test_truncated_checkpoint_on_resume_is_a_clear_error(tmp_path: Path) -> None
     from recipes.engine.trainer import TrainOptions, train
 
     config = resolve_config(get_recipe("tiny-majority"), cli_options={"model.pe": "abs"})
-    stopped = train("tiny-majority", config, TrainOptions(out=tmp_path, stop_after=2))
+    stopped = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path, stop_after=2))
     checkpoint = stopped.run_dir / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:64])
     result = cope("train", "tiny-majority", "--pe", "abs", "--out", tmp_path, "--resume")
@@ -411,7 +411,9 @@ def test_ctrl_c_stops_after_saving_and_the_run_resumes(tmp_path: Path) -> None:
         set_options={"train.eval_every": 100000, "train.checkpoint_every": 100000},
     )
     resumed = train(
-        "tiny-majority", config, TrainOptions(out=tmp_path / "runs", resume=True, stop_after=3)
+        get_recipe("tiny-majority"),
+        config,
+        TrainOptions(out=tmp_path / "runs", resume=True, stop_after=3),
     )
     assert resumed.run_dir == run and resumed.step == saved + 3
 

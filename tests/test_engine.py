@@ -37,7 +37,7 @@ def weights(run_dir: Path, name: str = rundir.CHECKPOINT_FILE) -> dict[str, torc
 
 
 def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
-    result = train("tiny-majority", tiny_config(), TrainOptions(out=tmp_path))
+    result = train(get_recipe("tiny-majority"), tiny_config(), TrainOptions(out=tmp_path))
     run = result.run_dir
     assert result.status == "finished" and result.step == 30
     assert run.parent == tmp_path / "tiny-majority" / "abs" and run.name.startswith("seed0-")
@@ -60,14 +60,14 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 
 def test_final_evaluation_uses_the_best_checkpoint(tmp_path: Path) -> None:
-    result = train("tiny-majority", tiny_config(), TrainOptions(out=tmp_path))
+    result = train(get_recipe("tiny-majority"), tiny_config(), TrainOptions(out=tmp_path))
     best = load_checkpoint(result.run_dir / "best.pt")
     assert result.evaluation["best_step"] == best["step"]
     assert result.evaluation["splits"]["val"]["accuracy"] == best["val"]["accuracy"]
 
 
 def test_checkpoints_load_with_weights_only_and_hold_the_full_state(tmp_path: Path) -> None:
-    result = train("tiny-majority", tiny_config(), TrainOptions(out=tmp_path))
+    result = train(get_recipe("tiny-majority"), tiny_config(), TrainOptions(out=tmp_path))
     state = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "sampler", "rng", "progress"} <= set(state)
     assert state["progress"]["step"] == 30 and state["recipe"] == "tiny-majority"
@@ -76,11 +76,15 @@ def test_checkpoints_load_with_weights_only_and_hold_the_full_state(tmp_path: Pa
 
 def test_resume_after_a_stop_is_bit_exact(tmp_path: Path) -> None:
     config = tiny_config()  # the stop itself writes the checkpoint at step 13
-    straight = train("tiny-majority", config, TrainOptions(out=tmp_path / "a"))
-    stopped = train("tiny-majority", config, TrainOptions(out=tmp_path / "b", stop_after=13))
+    straight = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path / "a"))
+    stopped = train(
+        get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path / "b", stop_after=13)
+    )
     assert stopped.status == "stopped" and stopped.step == 13
     assert not rundir.is_finished(stopped.run_dir)
-    resumed = train("tiny-majority", config, TrainOptions(out=tmp_path / "b", resume=True))
+    resumed = train(
+        get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path / "b", resume=True)
+    )
     assert resumed.run_dir == stopped.run_dir and resumed.status == "finished"
     for name in ("checkpoint.pt", "best.pt"):
         expected, actual = weights(straight.run_dir, name), weights(resumed.run_dir, name)
@@ -106,7 +110,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
         "from recipes.engine.trainer import TrainOptions, train\n"
         f"config = resolve_config(get_recipe('tiny-majority'), cli_options={{'model.pe': 'abs'}},"
         f" set_options={options!r})\n"
-        "train('tiny-majority', config, TrainOptions(out=Path(sys.argv[2])))\n"
+        "train(get_recipe('tiny-majority'), config, TrainOptions(out=Path(sys.argv[2])))\n"
     )
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,15 +133,17 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     assert killed_at is not None and killed_at < 120, "the run ended before it could be killed"
     (run,) = rundir.find_runs(out)
     assert not rundir.is_finished(run)
-    resumed = train("tiny-majority", config, TrainOptions(out=out, resume=True))
+    resumed = train(get_recipe("tiny-majority"), config, TrainOptions(out=out, resume=True))
     assert resumed.run_dir == run and resumed.status == "finished"
-    straight = train("tiny-majority", config, TrainOptions(out=tmp_path / "straight"))
+    straight = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path / "straight"))
     expected, actual = weights(straight.run_dir), weights(run)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
 def test_resume_with_different_options_starts_a_new_run(tmp_path: Path) -> None:
-    stopped = train("tiny-majority", tiny_config(), TrainOptions(out=tmp_path, stop_after=5))
+    stopped = train(
+        get_recipe("tiny-majority"), tiny_config(), TrainOptions(out=tmp_path, stop_after=5)
+    )
     messages: list[str] = []
 
     class Collect(TrainObserver):
@@ -145,21 +151,27 @@ def test_resume_with_different_options_starts_a_new_run(tmp_path: Path) -> None:
             messages.append(text)
 
     other = tiny_config(**{"train.lr": 0.02})
-    result = train("tiny-majority", other, TrainOptions(out=tmp_path, resume=True), Collect())
+    result = train(
+        get_recipe("tiny-majority"), other, TrainOptions(out=tmp_path, resume=True), Collect()
+    )
     assert result.run_dir != stopped.run_dir
     assert any("train.lr: 0.01 -> 0.02" in message for message in messages)
 
 
 def test_a_finished_run_is_not_duplicated_unless_forced(tmp_path: Path) -> None:
     config = tiny_config(**{"train.steps": 5})
-    first = train("tiny-majority", config, TrainOptions(out=tmp_path))
+    first = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
     with pytest.raises(UserError, match="--force"):
-        train("tiny-majority", config, TrainOptions(out=tmp_path))
-    reused = train("tiny-majority", config, TrainOptions(out=tmp_path, resume=True))
+        train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
+    reused = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path, resume=True))
     assert reused.status == "reused" and reused.run_dir == first.run_dir
-    forced = train("tiny-majority", config, TrainOptions(out=tmp_path, on_finished="new"))
+    forced = train(
+        get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path, on_finished="new")
+    )
     assert forced.run_dir != first.run_dir and rundir.is_finished(forced.run_dir)
-    seed1 = train("tiny-majority", {**config, "train.seed": 1}, TrainOptions(out=tmp_path))
+    seed1 = train(
+        get_recipe("tiny-majority"), {**config, "train.seed": 1}, TrainOptions(out=tmp_path)
+    )
     assert seed1.run_dir.name.startswith("seed1-")
 
 
@@ -194,7 +206,9 @@ def test_sampler_splits_each_batch_between_ranks() -> None:
 
 
 def test_truncated_checkpoint_is_a_clear_user_error(tmp_path: Path) -> None:
-    result = train("tiny-majority", tiny_config(**{"train.steps": 3}), TrainOptions(out=tmp_path))
+    result = train(
+        get_recipe("tiny-majority"), tiny_config(**{"train.steps": 3}), TrainOptions(out=tmp_path)
+    )
     path = result.run_dir / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="damaged or unreadable"):
@@ -220,17 +234,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     from recipes.engine import trainer
 
     calls = {"n": 0}
-    real = trainer.loss_and_counts
+    real = trainer.answer_loss
 
-    def poisoned(logits: torch.Tensor, targets: torch.Tensor):
+    def poisoned(logits: torch.Tensor, targets: torch.Tensor, count: int) -> torch.Tensor:
         calls["n"] += 1
-        loss, correct, count = real(logits, targets)
-        return (loss * math.nan if calls["n"] == 8 else loss), correct, count
+        loss = real(logits, targets, count)
+        return loss * math.nan if calls["n"] == 8 else loss
 
-    monkeypatch.setattr(trainer, "loss_and_counts", poisoned)
+    monkeypatch.setattr(trainer, "answer_loss", poisoned)
     config = tiny_config(**{"train.checkpoint_every": 5, "train.eval_every": 100})
     with pytest.raises(TrainingDiverged, match="loss became nan at step 8"):
-        train("tiny-majority", config, TrainOptions(out=tmp_path))
+        train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
     (run,) = rundir.find_runs(tmp_path)
     state = load_checkpoint(run / "checkpoint.pt")
     assert state["progress"]["step"] == 5
@@ -242,20 +256,20 @@ def test_early_stopping_ends_training_after_patience(tmp_path: Path) -> None:
     config = tiny_config(
         **{"train.steps": 200, "train.eval_every": 2, "train.patience": 2, "train.lr": 0.0}
     )
-    result = train("tiny-majority", config, TrainOptions(out=tmp_path))
+    result = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
     # lr 0: val never improves after the first evaluation, so training stops at step 6
     assert result.status == "finished" and result.step == 6
     assert result.evaluation["best_step"] == 2
     # killed after the early stop but before the final evaluation: resuming does not train on
     (result.run_dir / "done").unlink()
-    resumed = train("tiny-majority", config, TrainOptions(out=tmp_path, resume=True))
+    resumed = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path, resume=True))
     assert resumed.run_dir == result.run_dir and resumed.step == 6
     assert rundir.is_finished(resumed.run_dir)
 
 
 def test_epochs_replace_steps(tmp_path: Path) -> None:
     config = tiny_config(**{"train.epochs": 2, "data.train_size": 64, "train.batch_size": 16})
-    result = train("tiny-majority", config, TrainOptions(out=tmp_path))
+    result = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
     assert result.step == 8  # 2 epochs x 64/16 batches
 
 
@@ -283,14 +297,18 @@ def test_cuda_requested_without_a_gpu_is_a_user_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(UserError, match="no CUDA GPU"):
-        train("tiny-majority", tiny_config(**{"train.device": "cuda"}), TrainOptions(out=tmp_path))
+        train(
+            get_recipe("tiny-majority"),
+            tiny_config(**{"train.device": "cuda"}),
+            TrainOptions(out=tmp_path),
+        )
     assert not (tmp_path / "tiny-majority").exists()  # nothing created before validation
 
 
 def test_bad_data_options_fail_before_a_run_directory_exists(tmp_path: Path) -> None:
     config = tiny_config(**{"data.min_len": 9, "data.max_len": 3})
     with pytest.raises(UserError, match="min_len"):
-        train("tiny-majority", config, TrainOptions(out=tmp_path))
+        train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path))
     assert rundir.find_runs(tmp_path) == [] and not any(tmp_path.rglob("seed*"))
 
 
@@ -311,7 +329,11 @@ def test_report_groups_runs_that_differ_beyond_encoding_and_seed(tmp_path: Path)
             for lr in (0.01, 0.02):
                 options = {"train.steps": 2, "train.lr": lr, "data.eval_size": 8}
                 config = {**tiny_config(**options), "model.pe": pe}
-                train("tiny-majority", {**config, "train.seed": seed}, TrainOptions(out=tmp_path))
+                train(
+                    get_recipe("tiny-majority"),
+                    {**config, "train.seed": seed},
+                    TrainOptions(out=tmp_path),
+                )
     results, files = build_report([tmp_path], tmp_path / "report")
     assert len(results) == 2
     assert sorted(result["title"] for result in results) == [

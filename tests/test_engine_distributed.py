@@ -60,7 +60,7 @@ def test_torchrun_two_processes_train_resume_and_match_one_process(tmp_path: Pat
         cli_options={"model.pe": "abs", "train.steps": 8},
         set_options={"model.dropout": 0.0, "train.eval_every": 4},
     )
-    single = train("tiny-majority", config, TrainOptions(out=tmp_path / "single"))
+    single = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path / "single"))
     expected = load_checkpoint(single.run_dir / "checkpoint.pt")["model"]
     actual = load_checkpoint(run / "checkpoint.pt")["model"]
     for key in expected:

@@ -283,5 +283,7 @@ def test_a_small_model_learns_the_kind_of_the_first_shape(tmp_path) -> None:
     recipe = get_recipe("moving-shapes")
     options = {"data.max_nth": 1, "data.eval_size": 200, "train.steps": 400}
     config = resolve_config(recipe, set_options={**options, "train.eval_every": 400})
-    result = train("moving-shapes", config, TrainOptions(out=tmp_path, handle_sigint=False))
+    result = train(
+        get_recipe("moving-shapes"), config, TrainOptions(out=tmp_path, handle_sigint=False)
+    )
     assert result.evaluation["splits"]["test"]["accuracy"] > 0.6  # chance is 0.25

@@ -119,7 +119,7 @@ def test_missing_empty_or_unset_folders_are_one_sentence_user_errors(tmp_path: P
         recipe.build_data(config(), tmp_path / "empty", False)
     root = write_folder(tmp_path / "data")
     (root / "silent").mkdir()
-    with pytest.raises(UserError, match="holds no .npy files"):
+    with pytest.raises(UserError, match="holds no npy files"):
         recipe.build_data(config(), root, False)
     with pytest.raises(UserError, match="--data-dir"):
         recipe.build_data(config(), None, False)

@@ -145,18 +145,21 @@ def test_list_files_decide_the_splits(tmp_path: Path) -> None:
     assert len(bundle.train) == 3 and bundle.skipped == 2
 
 
-def test_seeded_split_is_stratified_and_deterministic(folder: Path) -> None:
-    from recipes._video import find_videos
-    from recipes.video_folder import assign_splits
+def test_splits_are_the_shared_folder_split_less_unreadable_files(
+    folder: Path, tmp_path: Path
+) -> None:
+    from recipes import folders
+    from recipes._video import VIDEO_SUFFIXES
 
-    classes = find_videos(folder)
-    config = {"data.seed": 0, "data.val_fraction": 0.25, "data.test_fraction": 0.25}
-    first = assign_splits(classes, folder, config)
-    assert first == assign_splits(classes, folder, config)
+    options = {**FAST, "data.cache_dir": str(tmp_path)}
+    options.update({"data.val_fraction": 0.25, "data.test_fraction": 0.25, "data.seed": 0})
+    bundle = VideoFolder().build_data(options, folder, False)
+    classes = folders.find_class_files(folder, VIDEO_SUFFIXES, "video")
+    expected = folders.assign_splits(folder, classes, folders.SplitSettings.from_config(options))
+    unreadable = {"red/corrupt.mp4", "blue/empty.avi"}
     for split in ("val", "test"):
-        assert sorted(label for _, label in first[split]) == [0, 1]  # one video of each class
-    others = [assign_splits(classes, folder, {**config, "data.seed": seed}) for seed in range(1, 6)]
-    assert any(other["val"] != first["val"] for other in others)
+        labels = [label for relative, label in expected[split] if relative not in unreadable]
+        assert bundle.splits[split].dataset.labels == labels
 
 
 def test_missing_or_empty_folders_are_user_errors(tmp_path: Path) -> None:
@@ -167,7 +170,7 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path: Path) -> None:
         recipe.build_data(FAST, tmp_path / "nowhere", False)
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "readme.txt").write_text("no videos here")
-    with pytest.raises(UserError, match="no video files"):
+    with pytest.raises(UserError, match="no class sub-folders holding video files"):
         recipe.build_data(FAST, tmp_path, False)
     (tmp_path / "cats" / "bad.mp4").write_bytes(b"")
     with pytest.raises(UserError, match="at least two"):
@@ -175,7 +178,7 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "dogs").mkdir()
     for index in range(3):
         (tmp_path / "dogs" / f"bad{index}.mkv").write_bytes(b"junk")
-    with pytest.raises(UserError, match="no readable video"):
+    with pytest.raises(UserError, match="files are unreadable"):
         recipe.build_data({**FAST, "data.cache": False}, tmp_path, False)
 
 

@@ -80,7 +80,7 @@ def run_grid(
             + (f" ({job.variant})" if job.variant else "")
         )
         job_options = TrainOptions(**{**options.__dict__, "preset": job.preset})
-        run = train(job.recipe, job.config, job_options, observer)
+        run = train(get_recipe(job.recipe), job.config, job_options, observer)
         result.runs.append(run)
         if run.status == "interrupted":
             result.interrupted = True

@@ -9,47 +9,66 @@ being silently ignored.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
-from recipes.base import Config, Recipe, UserError
+from recipes.errors import UserError
 
-# The model.* defaults mirror encoders.transformer.EncoderConfig (the shared contract); fields
-# added there later are picked up by `_encoder_defaults`.
+if TYPE_CHECKING:  # recipes.base imports torch; the CLI's help reads TRAIN_CHOICES without it
+    from recipes.base import Config, Recipe
+
+
+def _choice(default: str, *others: str) -> Any:
+    """A string option whose value must be ``default`` or one of ``others``."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The engine's ``train.*`` options, typed: the one place their defaults are written.
+
+    Built once per run from the resolved config (:meth:`from_config`); the flat config's
+    ``train.*`` defaults and choices are derived from these fields.
+    """
+
+    seed: int = 0
+    steps: int = 1000
+    epochs: int = 0  # > 0 replaces steps by epochs x batches per epoch
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = _choice("adamw", "adam")
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = _choice("cosine", "constant")
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 200
+    patience: int = 0  # evaluations without improvement before stopping; 0 never stops
+    eval_batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: checkpoint at every evaluation
+    device: str = _choice("auto", "cpu", "cuda")
+
+    @classmethod
+    def from_config(cls, config: Config) -> TrainConfig:
+        """The ``train.*`` keys of a resolved config (absent keys keep their defaults)."""
+        return cls(
+            **{
+                item.name: config[f"train.{item.name}"]
+                for item in fields(cls)
+                if f"train.{item.name}" in config
+            }
+        )
+
+
+# The engine's own defaults: train.* from TrainConfig and data.seed; model.* come from
+# encoders.transformer.EncoderConfig (see `base_defaults`), so neither is written twice.
 ENGINE_DEFAULTS: Config = {
-    "model.dim": 64,
-    "model.depth": 2,
-    "model.heads": 4,
-    "model.mlp_dim": 256,
-    "model.dropout": 0.0,
-    "model.norm": "pre",
-    "model.causal": False,
-    "model.pe": "cope",
-    "model.max_len": 512,
-    "model.npos": None,
-    "model.cope_per_head": False,
-    "model.cope_impl": "auto",
-    "model.pooling": "cls",
-    "model.grid": None,
-    "train.seed": 0,
-    "train.steps": 1000,
-    "train.epochs": 0,  # > 0 replaces train.steps by epochs x batches per epoch
-    "train.batch_size": 32,
-    "train.lr": 1e-3,
-    "train.optimizer": "adamw",
-    "train.weight_decay": 0.01,
-    "train.warmup_steps": 100,
-    "train.schedule": "cosine",
-    "train.grad_clip": 1.0,  # 0 disables clipping
-    "train.eval_every": 200,
-    "train.patience": 0,  # evaluations without improvement before stopping; 0 never stops
-    "train.eval_batch_size": 64,
-    "train.log_every": 10,
-    "train.checkpoint_every": 0,  # 0: checkpoint at every evaluation
-    "train.device": "auto",
+    **{f"train.{item.name}": item.default for item in fields(TrainConfig)},
     "data.seed": 0,
 }
 
@@ -59,13 +78,10 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.grid": (list, tuple),
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.norm": ("pre", "post"),
-    "model.pooling": ("cls", "mean"),
-    "model.cope_impl": ("auto", "reference", "blockwise", "triton"),
-    "train.optimizer": ("adamw", "adam"),
-    "train.schedule": ("cosine", "constant"),
-    "train.device": ("auto", "cpu", "cuda"),
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    f"train.{item.name}": item.metadata["choices"]
+    for item in fields(TrainConfig)
+    if "choices" in item.metadata
 }
 
 POSITIVE_INTS = ("train.batch_size", "train.eval_batch_size", "train.log_every", "model.dim")
@@ -90,28 +106,35 @@ VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every")
 FILE_META_KEYS = ("recipe", "preset")
 
 
+@functools.cache
 def _encoder_defaults() -> Config:
-    """Defaults of EncoderConfig fields, when encoders.transformer is importable."""
-    import dataclasses
+    """``model.*`` defaults: the fields of EncoderConfig (imported late: it imports torch)."""
+    from encoders.transformer import EncoderConfig
 
-    try:
-        from encoders.transformer import EncoderConfig
-    except ImportError:
-        return {}
     defaults: Config = {}
-    for field in dataclasses.fields(EncoderConfig):
-        if field.default is not dataclasses.MISSING:
-            value = field.default
-            defaults[f"model.{field.name}"] = list(value) if isinstance(value, tuple) else value
+    for item in fields(EncoderConfig):
+        value = item.default
+        defaults[f"model.{item.name}"] = list(value) if isinstance(value, tuple) else value
     return defaults
+
+
+@functools.cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the string options that have a fixed set, from their owners."""
+    from encoders.cope import IMPLS
+    from encoders.transformer import NORMS, POOLINGS
+
+    return {
+        "model.norm": NORMS,
+        "model.pooling": POOLINGS,
+        "model.cope_impl": IMPLS,
+        **TRAIN_CHOICES,
+    }
 
 
 def base_defaults() -> Config:
-    """Engine defaults, with any EncoderConfig field the table above does not know yet."""
-    defaults = dict(ENGINE_DEFAULTS)
-    for key, value in _encoder_defaults().items():
-        defaults.setdefault(key, value)
-    return defaults
+    """Every engine default: EncoderConfig's fields as model.*, then train.* and data.seed."""
+    return {**_encoder_defaults(), **ENGINE_DEFAULTS}
 
 
 def flatten_options(table: Mapping[str, Any], prefix: str = "") -> Config:
@@ -244,9 +267,9 @@ def preset_options(recipe: Recipe, preset: str | None) -> tuple[str | None, Conf
 
 def validate_config(config: Config) -> None:
     """Check choices and ranges of the engine's keys, and the position-encoding name."""
-    for key, choices in CHOICES.items():
-        if key in config and config[key] not in choices:
-            raise UserError(f"{key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    for key, allowed in choices().items():
+        if key in config and config[key] not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
     for key in POSITIVE_INTS:
         if key in config and config[key] < 1:
             raise UserError(f"{key} must be at least 1, got {config[key]!r}")

@@ -34,8 +34,33 @@ def forward_batch(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return model(batch["inputs"], padding_mask=batch.get("padding_mask"))
 
 
+def answer_count(targets: Tensor) -> int:
+    """How many answers a batch asks (targets other than IGNORE_INDEX).
+
+    Read it from the batch before it moves to the device: then counting costs no host sync.
+    """
+    return int((torch.as_tensor(targets) != IGNORE_INDEX).sum())
+
+
+def answer_loss(logits: Tensor, targets: Tensor, count: int) -> Tensor:
+    """Mean cross-entropy over the ``count`` asked answers, without a host sync."""
+    flat_logits, flat_targets = _flat_answers(logits, targets)
+    summed = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / max(count, 1)
+
+
 def loss_and_counts(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
     """Mean cross-entropy over asked answers, number correct and number asked."""
+    flat_logits, flat_targets = _flat_answers(logits, targets)
+    asked = flat_targets != IGNORE_INDEX
+    count = int(asked.sum())
+    loss = answer_loss(flat_logits, flat_targets, count)
+    correct = int((flat_logits.argmax(-1)[asked] == flat_targets[asked]).sum())
+    return loss, correct, count
+
+
+def _flat_answers(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, classes) float logits and (N,) long targets of a batch whose lengths agree."""
     targets = torch.as_tensor(targets, device=logits.device).long()
     if (
         logits.dim() == targets.dim() + 1
@@ -45,14 +70,7 @@ def loss_and_counts(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree in length"
         )
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_targets = targets.reshape(-1)
-    asked = flat_targets != IGNORE_INDEX
-    count = int(asked.sum())
-    summed = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = summed / max(count, 1)
-    correct = int((flat_logits.argmax(-1)[asked] == flat_targets[asked]).sum())
-    return loss, correct, count
+    return logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
 
 
 def iterate_batches(

@@ -1,13 +1,16 @@
 """Training: one recipe, one resolved config, one run directory.
 
-The loop is plain PyTorch: a deterministic resumable batch order, AdamW/Adam with linear
-warm-up and a cosine (or constant) schedule, gradient clipping, periodic evaluation on ``val``
-with early stopping, atomic checkpoints, and at the end an evaluation of every split with the
-best weights. Everything the CLI shows comes through a :class:`TrainObserver`.
+:class:`Trainer` is the loop, in plain PyTorch and in small named steps (setup, restore or
+start, step, evaluate, checkpoint, finish): a deterministic resumable batch order, AdamW/Adam
+with linear warm-up and a cosine (or constant) schedule, gradient clipping, periodic evaluation
+on ``val`` with early stopping, atomic checkpoints, and at the end an evaluation of every split
+with the best weights. Losses stay on the device between log steps (no host sync per step).
+Everything the CLI shows comes through a :class:`TrainObserver`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -21,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe, pad_collate
+from recipes.base import Config, DataBundle, Recipe, UserError, pad_collate
 from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
@@ -33,7 +36,7 @@ from recipes.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from recipes.engine.config import config_differences
+from recipes.engine.config import TrainConfig, config_differences
 from recipes.engine.distributed import (
     DistContext,
     any_rank,
@@ -44,10 +47,11 @@ from recipes.engine.distributed import (
     mean_across_ranks,
 )
 from recipes.engine.evaluate import (
+    answer_count,
+    answer_loss,
     autocast_context,
     evaluate,
     forward_batch,
-    loss_and_counts,
     move_batch,
 )
 from recipes.engine.sampler import ResumableBatchSampler
@@ -66,8 +70,8 @@ class TrainObserver:
     def train_start(self, run_dir: Path, start_step: int, total_steps: int) -> None:
         """Training of ``run_dir`` begins (or resumes) at ``start_step``."""
 
-    def train_step(self, step: int, loss: float, lr: float) -> None:
-        """One optimiser step finished."""
+    def train_step(self, step: int, loss: float | None, lr: float) -> None:
+        """One optimiser step finished; ``loss`` (the mean since the last) only on log steps."""
 
     def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
         """A split was evaluated (periodic ``val`` or final)."""
@@ -160,16 +164,18 @@ def learning_rate_factor(schedule: str, warmup: int, total: int) -> Callable[[in
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) or Adam (L2 weight decay), as ``train.optimizer`` says."""
+    settings = TrainConfig.from_config(config)
     params = [param for param in model.parameters() if param.requires_grad]
-    kind = torch.optim.AdamW if config["train.optimizer"] == "adamw" else torch.optim.Adam
-    return kind(params, lr=config["train.lr"], weight_decay=config["train.weight_decay"])
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def total_steps_of(config: Config, sampler: ResumableBatchSampler) -> int:
     """``train.steps``, or ``train.epochs`` x batches per epoch when epochs are given."""
-    if config["train.epochs"] > 0:
-        return config["train.epochs"] * sampler.batches_per_epoch
-    return config["train.steps"]
+    settings = TrainConfig.from_config(config)
+    if settings.epochs > 0:
+        return settings.epochs * sampler.batches_per_epoch
+    return settings.steps
 
 
 def _same_config(run_dir: Path, recipe_name: str, config: Config) -> bool:
@@ -257,290 +263,412 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(
-    recipe_name: str,
-    config: Config,
-    options: TrainOptions | None = None,
-    observer: TrainObserver | None = None,
-) -> RunResult:
-    """Train (or resume, or reuse) one run of ``recipe_name`` with a resolved ``config``."""
-    options = options or TrainOptions()
-    observer = observer or TrainObserver()
-    recipe = get_recipe(recipe_name)
-    device = resolve_device(config["train.device"], config)
-    context = init_distributed(device)
-    if context.enabled and device.type == "cuda":
-        device = torch.device("cuda", context.local_rank)
-        torch.cuda.set_device(device)
-    configure_threads(device, context)
+@dataclass
+class Progress:
+    """Where training stands: saved in every checkpoint (``progress``) and restored with it."""
 
-    # Rank 0 decides; a refusal must reach every rank, or the others would wait forever.
-    plan, refusal = None, None
-    if context.is_main:
+    step: int = 0
+    best_accuracy: float = -math.inf
+    best_step: int = -1
+    evals_since_best: int = 0
+
+    def patience_spent(self, patience: int) -> bool:
+        """Whether ``patience`` evaluations passed without a better val accuracy (0: never)."""
+        return patience > 0 and self.evals_since_best >= patience
+
+
+class LossWindow:
+    """The training losses since the last log, kept on the device.
+
+    Adding a step's loss costs no host synchronisation; the window is read (one sync) only when
+    the trainer logs, evaluates, checkpoints or may stop. It remembers the first non-finite
+    loss, so a divergence is reported with the step where it happened.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float64 if device.type != "mps" else torch.float32
+        self.total = torch.zeros((), dtype=dtype, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: all finite
+        self.bad_value = torch.zeros((), dtype=dtype, device=device)
+        self.steps = 0
+
+    def add(self, loss: Tensor, step: int) -> None:
+        """Add the (rank-averaged) loss of ``step``."""
+        loss = loss.detach().to(self.total.dtype)
+        first_bad = ~torch.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_value = torch.where(first_bad, loss, self.bad_value)
+        self.total += loss
+        self.steps += 1
+
+    def divergence(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss since training began, or None (syncs)."""
+        step = int(self.bad_step)
+        return (step, float(self.bad_value)) if step else None
+
+    def take_mean(self) -> float:
+        """The mean loss of the window (syncs), then an empty window."""
+        mean = float(self.total) / max(self.steps, 1)
+        self.total.zero_()
+        self.steps = 0
+        return mean
+
+
+class Trainer:
+    """One run of one recipe: setup, restore (or start), step, evaluate, checkpoint, finish.
+
+    :meth:`run` is the whole life of a run; each step of it is a method, so that a feature lands
+    in the step it concerns. State lives here: the model (and its DDP wrapper), optimiser,
+    scheduler, sampler, :class:`Progress` and the run directory. Rank 0 alone writes files.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        config: Config,
+        options: TrainOptions | None = None,
+        observer: TrainObserver | None = None,
+    ) -> None:
+        self.recipe, self.config = recipe, config
+        self.settings = TrainConfig.from_config(config)
+        self.options = options or TrainOptions()
+        self.observer = observer or TrainObserver()
+        self.progress = Progress()
+        device = resolve_device(self.settings.device, config)
+        self.context = init_distributed(device)
+        if self.context.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.context.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        configure_threads(device, self.context)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Train (or resume, or reuse) the run; what became of it."""
+        plan = self.plan()
+        if plan.reuse:
+            evaluation = rundir.read_json(plan.run_dir / rundir.EVAL_FILE)
+            return RunResult(plan.run_dir, "reused", evaluation.get("step", 0), evaluation)
+        self.setup()
+        if plan.run_dir is not None:
+            self.restore(plan.run_dir)
+        else:
+            self.start()
+        status = self.train_loop()
+        if status != "finished":
+            barrier(self.context)
+            return RunResult(self.run_dir, status, self.progress.step, is_main=self.is_main)
+        return self.finish()
+
+    @property
+    def is_main(self) -> bool:
+        return self.context.is_main
+
+    def plan(self) -> _Plan:
+        """Rank 0 decides what to do; a refusal reaches every rank, or the others would hang."""
+        plan, refusal = None, None
+        if self.is_main:
+            try:
+                plan = plan_run(self.recipe.name, self.config, self.options)
+            except UserError as error:
+                refusal = str(error)
+        plan, refusal = broadcast((plan, refusal), self.context)
+        if refusal is not None:
+            raise UserError(refusal)
+        if plan.note and self.is_main:
+            self.observer.message(plan.note)
+        return plan
+
+    def setup(self) -> None:
+        """Data, model, sampler, optimiser and schedule, before any run directory exists."""
+        settings, context = self.settings, self.context
+        self.bundle = build_data_checked(self.recipe, self.config, self.options)
+        if self.bundle.skipped and self.is_main:
+            self.observer.message(
+                f"skipped {self.bundle.skipped} unreadable items while building the data"
+            )
+        seed_everything(settings.seed)
+        self.model = self.recipe.build_model(self.config, self.bundle.info)
+        if context.rank > 0:  # same initial weights, but each rank its own dropout/augmentation
+            seed_everything(settings.seed + 7919 * context.rank)
+        self.model.to(self.device)
+        self.sampler = ResumableBatchSampler(
+            len(self.bundle.train),  # type: ignore[arg-type]
+            settings.batch_size,
+            settings.seed,
+            rank=context.rank,
+            world_size=context.world_size,
+        )
+        self.total_steps = total_steps_of(self.config, self.sampler)
+        self.optimizer = make_optimizer(self.model, self.config)
+        warmup = min(settings.warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, learning_rate_factor(settings.schedule, warmup, self.total_steps)
+        )
+
+    def restore(self, run_dir: Path) -> None:
+        """Continue ``run_dir`` from its checkpoint: weights, optimiser, sampler, RNG streams."""
+        self.run_dir = run_dir
+        path = run_dir / rundir.CHECKPOINT_FILE
+        state = load_checkpoint(path, self.recipe.name)
+        load_model_state(self.model, state, path)
         try:
-            plan = plan_run(recipe_name, config, options)
-        except UserError as error:
-            refusal = str(error)
-    plan, refusal = broadcast((plan, refusal), context)
-    if refusal is not None:
-        raise UserError(refusal)
-    if plan.note and context.is_main:
-        observer.message(plan.note)
-    if plan.reuse:
-        evaluation = rundir.read_json(plan.run_dir / rundir.EVAL_FILE)
-        return RunResult(plan.run_dir, "reused", evaluation.get("step", 0), evaluation)
-
-    # Data and model are built (and so validated) before any run directory exists.
-    bundle = build_data_checked(recipe, config, options)
-    if bundle.skipped and context.is_main:
-        observer.message(f"skipped {bundle.skipped} unreadable items while building the data")
-    seed_everything(config["train.seed"])
-    model = recipe.build_model(config, bundle.info)
-    if context.rank > 0:  # same initial weights, but each rank its own dropout/augmentation
-        seed_everything(config["train.seed"] + 7919 * context.rank)
-    model.to(device)
-    sampler = ResumableBatchSampler(
-        len(bundle.train),  # type: ignore[arg-type]
-        config["train.batch_size"],
-        config["train.seed"],
-        rank=context.rank,
-        world_size=context.world_size,
-    )
-    total_steps = total_steps_of(config, sampler)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        learning_rate_factor(
-            config["train.schedule"], min(config["train.warmup_steps"], total_steps), total_steps
-        ),
-    )
-    progress = {"step": 0, "best_accuracy": -math.inf, "best_step": -1, "evals_since_best": 0}
-
-    if plan.run_dir is not None:
-        run_dir = plan.run_dir
-        state = load_checkpoint(run_dir / rundir.CHECKPOINT_FILE, recipe_name)
-        load_model_state(model, state, run_dir / rundir.CHECKPOINT_FILE)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            progress.update(state["progress"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.progress = Progress(**state["progress"])
             per_rank = state.get("rng_per_rank")
-            if per_rank is not None and len(per_rank) == context.world_size:
-                restore_rng_state(per_rank[context.rank])
+            if per_rank is not None and len(per_rank) == self.context.world_size:
+                restore_rng_state(per_rank[self.context.rank])
             else:  # another world size: exact only for rank 0
                 restore_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise UserError(
-                f"checkpoint {run_dir / rundir.CHECKPOINT_FILE} cannot be resumed "
-                f"({type(error).__name__}: {error})"
+                f"checkpoint {path} cannot be resumed ({type(error).__name__}: {error})"
             ) from None
-        if context.is_main:
-            rundir.note_resumption(run_dir, progress["step"], str(device))
-    else:
-        run_dir = None
-        if context.is_main:
-            run_dir = rundir.create_run_dir(
-                options.out, recipe_name, config["model.pe"], config["train.seed"]
-            )
-            rundir.write_config(run_dir, recipe_name, config, options.preset, options.data_dir)
-            rundir.write_json_atomic(
-                run_dir / rundir.ENV_FILE, rundir.environment(str(device), context.world_size)
-            )
-        run_dir = broadcast(run_dir, context)
+        if self.is_main:
+            rundir.note_resumption(run_dir, self.progress.step, str(self.device))
+        self.open_metrics()
 
-    metrics = rundir.MetricsLog(run_dir / rundir.METRICS_FILE, enabled=context.is_main)
-    metrics.truncate_after(progress["step"])
-    metrics.open_tensorboard(run_dir / "tensorboard")
-    if plan.run_dir is None:
-        metrics.log(
+    def start(self) -> None:
+        """A new run directory (rank 0 creates it), its data record and a step-0 checkpoint."""
+        run_dir = None
+        if self.is_main:
+            run_dir = rundir.create_run_dir(
+                self.options.out, self.recipe.name, self.config["model.pe"], self.settings.seed
+            )
+            rundir.write_config(
+                run_dir, self.recipe.name, self.config, self.options.preset, self.options.data_dir
+            )
+            rundir.write_json_atomic(
+                run_dir / rundir.ENV_FILE,
+                rundir.environment(str(self.device), self.context.world_size),
+            )
+        self.run_dir = broadcast(run_dir, self.context)
+        self.open_metrics()
+        self.metrics.log(
             {
                 "kind": "data",
                 "step": 0,
-                "train_size": len(bundle.train),  # type: ignore[arg-type]
-                "splits": {name: len(split.dataset) for name, split in bundle.splits.items()},
-                "skipped": bundle.skipped,
-                "total_steps": total_steps,
+                "train_size": len(self.bundle.train),  # type: ignore[arg-type]
+                "splits": {name: len(split.dataset) for name, split in self.bundle.splits.items()},
+                "skipped": self.bundle.skipped,
+                "total_steps": self.total_steps,
             }
         )
+        self.checkpoint()  # step 0: there is always a last good checkpoint
 
-    def checkpoint() -> None:
-        rng_states = gather_to_main(capture_rng_state(), context)  # every rank's streams
-        if context.is_main:
-            state = {
-                "recipe": recipe_name,
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "progress": dict(progress),
-                "rng": rng_states[0],
+    def open_metrics(self) -> None:
+        """metrics.jsonl (and TensorBoard), cut back to the restored step."""
+        self.metrics = rundir.MetricsLog(self.run_dir / rundir.METRICS_FILE, enabled=self.is_main)
+        self.metrics.truncate_after(self.progress.step)
+        self.metrics.open_tensorboard(self.run_dir / "tensorboard")
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train_loop(self) -> str:
+        """Step until done, stopped early, asked to stop or interrupted; the final status."""
+        settings, context = self.settings, self.context
+        self.trained = self.model
+        if context.enabled:
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.eval_every = settings.eval_every or self.total_steps
+        self.checkpoint_every = settings.checkpoint_every or self.eval_every
+        self.start_step = self.progress.step
+        self.window = LossWindow(self.device)
+        self.started = time.perf_counter()
+        if self.is_main:
+            self.observer.train_start(self.run_dir, self.start_step, self.total_steps)
+        self.trained.train()
+        try:
+            # A run killed between its early stop and its final evaluation must not train on.
+            if self.progress.patience_spent(settings.patience):
+                return "finished"
+            with _StopRequest(self.options.handle_sigint) as stop:
+                while self.progress.step < self.total_steps:
+                    status = self.after_step(self.step(), stop)
+                    if status is not None:
+                        return status
+            return "finished"
+        finally:
+            self.metrics.close()
+            if self.is_main:
+                self.observer.train_end()
+
+    def step(self) -> int:
+        """One optimiser step; the loss stays on the device. Returns the new step number."""
+        batch = self.bundle.collate or pad_collate
+        batch = batch([self.bundle.train[index] for index in self.sampler.next_batch()])
+        count = answer_count(batch["targets"])  # from the host copy: no device sync
+        batch = move_batch(batch, self.device)
+        with autocast_context(self.device):
+            logits = forward_batch(self.trained, batch)
+        loss = answer_loss(logits, batch["targets"], count)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.settings.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.trained.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        self.window.add(mean_across_ranks(loss.detach(), self.context), self.progress.step)
+        return self.progress.step
+
+    def after_step(self, step: int, stop: _StopRequest) -> str | None:
+        """Log, evaluate, checkpoint and decide whether to stop; None: keep training.
+
+        Only here does the host wait for the device, and only on steps that log, evaluate,
+        checkpoint or may stop (under DDP the ranks agree on a stop at those steps).
+        """
+        last = step == self.total_steps
+        evaluated = step % self.eval_every == 0 or last
+        saved = evaluated or step % self.checkpoint_every == 0
+        logged = step % self.settings.log_every == 0 or last
+        stop_asked = self.options.stop_after is not None and (
+            step - self.start_step >= self.options.stop_after
+        )
+        may_stop = not self.context.enabled or logged or saved or stop_asked
+        interrupted = any_rank(stop.requested, self.context) if may_stop else False
+        synced = logged or saved or stop_asked or interrupted
+        if synced:
+            self.check_finite()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss = self.log_train(step, lr) if logged else None
+        if self.is_main:
+            self.observer.train_step(step, loss, lr)
+        early_stop = self.evaluate() if evaluated else False
+        if saved:
+            self.checkpoint()
+        if early_stop:
+            if self.is_main:
+                self.observer.message(
+                    f"early stop at step {step}: no better val accuracy in "
+                    f"{self.settings.patience} evaluations"
+                )
+            return "finished"
+        if interrupted or stop_asked:
+            if not saved:
+                self.checkpoint()
+            return "interrupted" if interrupted else "stopped"
+        return None
+
+    def check_finite(self) -> None:
+        """Stop with the last good checkpoint kept if any loss so far was NaN or infinite."""
+        divergence = self.window.divergence()
+        if divergence is not None:
+            step, value = divergence
+            raise TrainingDiverged(
+                f"the loss became {value} at step {step}; stopped keeping the last good "
+                f"checkpoint in {self.run_dir} (try a lower train.lr or train.grad_clip)"
+            )
+
+    def log_train(self, step: int, lr: float) -> float:
+        """Write the window's mean loss to metrics.jsonl; returns it."""
+        loss = self.window.take_mean()
+        elapsed = time.perf_counter() - self.started
+        self.metrics.log(
+            {
+                "kind": "train",
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "epoch": self.sampler.epoch,
+                "steps_per_s": (step - self.start_step) / max(elapsed, 1e-9),
             }
-            if context.enabled:
-                state["rng_per_rank"] = rng_states
-            save_checkpoint(run_dir / rundir.CHECKPOINT_FILE, state)
-
-    if plan.run_dir is None:
-        checkpoint()  # step 0: there is always a last good checkpoint
-
-    trained = model
-    if context.enabled:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    collate = bundle.collate or pad_collate
-    eval_every = config["train.eval_every"] or total_steps
-    checkpoint_every = config["train.checkpoint_every"] or eval_every
-    log_every = config["train.log_every"]
-    start_step = progress["step"]
-    if context.is_main:
-        observer.train_start(run_dir, start_step, total_steps)
-    window_loss, window_steps, started = 0.0, 0, time.perf_counter()
-    status = "finished"
-    trained.train()
-    try:
-        patience = config["train.patience"]
-        # A run killed between its early stop and its final evaluation must not train on.
-        stopped_early = patience > 0 and progress["evals_since_best"] >= patience
-        with _StopRequest(options.handle_sigint) as stop:
-            while progress["step"] < total_steps and not stopped_early:
-                batch = collate([bundle.train[index] for index in sampler.next_batch()])
-                batch = move_batch(batch, device)
-                with autocast_context(device):
-                    logits = forward_batch(trained, batch)
-                loss, _, _ = loss_and_counts(logits, batch["targets"])
-                shared_loss = float(mean_across_ranks(loss.detach(), context))
-                if not math.isfinite(shared_loss):
-                    raise TrainingDiverged(
-                        f"the loss became {shared_loss} at step {progress['step'] + 1}; "
-                        f"stopped keeping the last good checkpoint in {run_dir} "
-                        "(try a lower train.lr or train.grad_clip)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config["train.grad_clip"] > 0:
-                    nn.utils.clip_grad_norm_(trained.parameters(), config["train.grad_clip"])
-                optimizer.step()
-                scheduler.step()
-                progress["step"] += 1
-                step = progress["step"]
-                window_loss, window_steps = window_loss + shared_loss, window_steps + 1
-                lr = optimizer.param_groups[0]["lr"]
-                if context.is_main:
-                    observer.train_step(step, shared_loss, lr)
-                if step % log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - started
-                    metrics.log(
-                        {
-                            "kind": "train",
-                            "step": step,
-                            "loss": window_loss / window_steps,
-                            "lr": lr,
-                            "epoch": sampler.epoch,
-                            "steps_per_s": (step - start_step) / max(elapsed, 1e-9),
-                        }
-                    )
-                    window_loss, window_steps = 0.0, 0
-                evaluated = step % eval_every == 0 or step == total_steps
-                early_stop = False
-                if evaluated:
-                    early_stop = _validate(
-                        model,
-                        bundle,
-                        config,
-                        device,
-                        progress,
-                        run_dir,
-                        recipe_name,
-                        metrics,
-                        observer,
-                        context,
-                    )
-                if evaluated or step % checkpoint_every == 0 or step == total_steps:
-                    checkpoint()
-                if early_stop:
-                    if context.is_main:
-                        observer.message(
-                            f"early stop at step {step}: no better val accuracy in "
-                            f"{config['train.patience']} evaluations"
-                        )
-                    break
-                interrupted = any_rank(stop.requested, context)
-                if interrupted or (
-                    options.stop_after is not None and step - start_step >= options.stop_after
-                ):
-                    if not evaluated and step % checkpoint_every != 0:
-                        checkpoint()
-                    status = "interrupted" if interrupted else "stopped"
-                    break
-    finally:
-        metrics.close()
-        if context.is_main:
-            observer.train_end()
-    if status != "finished":
-        barrier(context)
-        return RunResult(run_dir, status, progress["step"], is_main=context.is_main)
+        return loss
 
-    evaluation = None
-    if context.is_main:
-        evaluation = final_evaluation(
-            model, bundle, recipe, config, run_dir, progress, device, observer
-        )
-        metrics.log({"kind": "final", "step": progress["step"], "splits": evaluation["splits"]})
-        (run_dir / rundir.DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    barrier(context)
-    return RunResult(run_dir, "finished", progress["step"], evaluation, context.is_main)
+    def evaluate(self) -> bool:
+        """Evaluate ``val`` on rank 0 and keep the best weights; returns whether to stop early."""
+        stop = False
+        if self.is_main:
+            model, step = _unwrap(self.model), self.progress.step
+            with preserved_rng():  # evaluation must not change the training's random streams
+                result = evaluate(
+                    model,
+                    self.bundle.splits["val"].dataset,
+                    self.bundle.collate,
+                    batch_size=self.settings.eval_batch_size,
+                    device=self.device,
+                    on_batch=lambda done, total: self.observer.eval_progress("val", done, total),
+                )
+            self.metrics.log({"kind": "eval", "split": "val", "step": step, **result})
+            self.observer.evaluation(step, "val", result)
+            if result["accuracy"] > self.progress.best_accuracy:
+                self.progress.best_accuracy, self.progress.best_step = result["accuracy"], step
+                self.progress.evals_since_best = 0
+                save_checkpoint(
+                    self.run_dir / rundir.BEST_FILE,
+                    {
+                        "recipe": self.recipe.name,
+                        "model": model.state_dict(),
+                        "step": step,
+                        "val": result,
+                    },
+                )
+            else:
+                self.progress.evals_since_best += 1
+            stop = self.progress.patience_spent(self.settings.patience)
+        stop, self.progress = broadcast((stop, self.progress), self.context)
+        return bool(stop)
+
+    def checkpoint(self) -> None:
+        """Save everything a bit-exact resume needs (every rank's RNG streams; rank 0 writes)."""
+        rng_states = gather_to_main(capture_rng_state(), self.context)
+        if not self.is_main:
+            return
+        state = {
+            "recipe": self.recipe.name,
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "rng": rng_states[0],
+        }
+        if self.context.enabled:
+            state["rng_per_rank"] = rng_states
+        save_checkpoint(self.run_dir / rundir.CHECKPOINT_FILE, state)
+
+    def finish(self) -> RunResult:
+        """Evaluate every split with the best weights, write eval.json, then ``done``."""
+        evaluation = None
+        if self.is_main:
+            evaluation = final_evaluation(
+                self.model,
+                self.bundle,
+                self.recipe,
+                self.config,
+                self.run_dir,
+                self.progress,
+                self.device,
+                self.observer,
+            )
+            self.metrics.log(
+                {"kind": "final", "step": self.progress.step, "splits": evaluation["splits"]}
+            )
+            (self.run_dir / rundir.DONE_FILE).write_text(
+                time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n"
+            )
+        barrier(self.context)
+        return RunResult(self.run_dir, "finished", self.progress.step, evaluation, self.is_main)
+
+
+def train(
+    recipe: Recipe,
+    config: Config,
+    options: TrainOptions | None = None,
+    observer: TrainObserver | None = None,
+) -> RunResult:
+    """Train (or resume, or reuse) one run of ``recipe`` with a resolved ``config``."""
+    return Trainer(recipe, config, options, observer).run()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _validate(
-    model: nn.Module,
-    bundle: DataBundle,
-    config: Config,
-    device: torch.device,
-    progress: dict[str, Any],
-    run_dir: Path,
-    recipe_name: str,
-    metrics: rundir.MetricsLog,
-    observer: TrainObserver,
-    context: DistContext,
-) -> bool:
-    """Evaluate ``val`` on rank 0, keep the best weights; returns whether to stop early."""
-    stop = False
-    if context.is_main:
-        with preserved_rng():  # evaluation must not change the training's random streams
-            result = evaluate(
-                _unwrap(model),
-                bundle.splits["val"].dataset,
-                bundle.collate,
-                batch_size=config["train.eval_batch_size"],
-                device=device,
-                on_batch=lambda done, total: observer.eval_progress("val", done, total),
-            )
-        step = progress["step"]
-        metrics.log({"kind": "eval", "split": "val", "step": step, **result})
-        observer.evaluation(step, "val", result)
-        if result["accuracy"] > progress["best_accuracy"]:
-            progress.update(best_accuracy=result["accuracy"], best_step=step, evals_since_best=0)
-            save_checkpoint(
-                run_dir / rundir.BEST_FILE,
-                {
-                    "recipe": recipe_name,
-                    "model": _unwrap(model).state_dict(),
-                    "step": step,
-                    "val": result,
-                },
-            )
-        else:
-            progress["evals_since_best"] += 1
-        patience = config["train.patience"]
-        stop = patience > 0 and progress["evals_since_best"] >= patience
-    synced = broadcast((stop, dict(progress)), context)
-    progress.update(synced[1])
-    return bool(synced[0])
 
 
 def final_evaluation(
@@ -549,7 +677,7 @@ def final_evaluation(
     recipe: Recipe,
     config: Config,
     run_dir: Path,
-    progress: dict[str, Any],
+    progress: Progress,
     device: torch.device,
     observer: TrainObserver,
     splits: list[str] | None = None,
@@ -564,8 +692,8 @@ def final_evaluation(
         "pe": config["model.pe"],
         "seed": config["train.seed"],
         "metric": recipe.metric,
-        "step": progress["step"],
-        "best_step": progress["best_step"],
+        "step": progress.step,
+        "best_step": progress.best_step,
         "splits": evaluation,
     }
     rundir.write_json_atomic(run_dir / rundir.EVAL_FILE, result)

@@ -124,7 +124,7 @@ def read_json(path: Path) -> Any:
 # every recipe). A saved config without the key gets this value, so older finished runs are
 # still found identical (reused) and group with new ones in reports.
 ADDED_KEYS: dict[str, Config] = {
-    "*": {"model.cope_gate": "qk"},
+    "*": {"model.cope_gate": "qk", "model.cope_scale_logits": False, "model.attn_dropout": 0.0},
     "audio-events": {"data.deltas": False},
     "moving-shapes": {"data.frame_diff": False},
 }
@@ -136,6 +136,10 @@ def read_config(run_dir: Path) -> tuple[str, Config]:
     if not isinstance(data, dict) or "recipe" not in data or "config" not in data:
         raise UserError(f"{run_dir / CONFIG_FILE} is not a cope run config")
     recipe, config = data["recipe"], data["config"]
+    if config.get("model.pe") == "rel" and "model.attn_dropout" not in config:
+        # Saved before the paper's `rel` existed (model.attn_dropout came with it): `rel` then
+        # named T5's bucketed biases, now `t5`; the weights load under that name.
+        config = {**config, "model.pe": "t5"}
     for added in (ADDED_KEYS["*"], ADDED_KEYS.get(recipe, {})):
         config = {**added, **config}
     return recipe, config

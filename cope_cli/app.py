@@ -230,7 +230,9 @@ def train_command(
     ] = None,
     pe: Annotated[
         str | None,
-        typer.Option(help="Position encoding: nope, abs, sin, rope, alibi, rel, cope, cope+rope."),
+        typer.Option(
+            help="Position encoding: nope, abs, sin, rope, alibi, t5, rel, cope, cope+rope."
+        ),
     ] = None,
     cope_gate: CopeGateOption = None,
     seed: SeedOption = None,
@@ -612,15 +614,36 @@ def positions_command(
 def data_command(
     recipe: Annotated[str, typer.Argument(help="Recipe name.", show_default=False)],
     root: Annotated[Path, typer.Option(help="Where to put the dataset.")] = Path("data"),
+    preset: PresetOption = None,
+    set_: SetOption = None,
 ) -> None:
-    """Fetch a recipe's dataset into ROOT (recipes with data source 'download').
+    """Fetch a recipe's dataset into ROOT, or describe a generated recipe's splits.
 
-    Example: cope data speech-commands --root data/
+    Generated recipes: the size of each split and, for the text tasks, how many of its items
+    also occur in training (0 with data.dedup, the default).
+
+    Example: cope data speech-commands --root data/ ; cope data counting --set data.num_vars=3
     """
     from recipes.base import get_recipe
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import describe_overlap
 
-    path = get_recipe(recipe).download(root)
-    console.print(f"data ready in [bold]{path}[/]", highlight=False)
+    recipe_obj = get_recipe(recipe)
+    if recipe_obj.data_source != "generated":
+        path = recipe_obj.download(root)
+        console.print(f"data ready in [bold]{path}[/]", highlight=False)
+        return
+    _, preset_name, layers = _resolve(
+        recipe, recipe_file=None, preset=preset, pe=None, seed=None, steps=None, epochs=None,
+        device=None, sets=set_,
+    )  # fmt: skip
+    config = resolve_config(recipe_obj, preset=preset_name, **layers)
+    bundle = recipe_obj.build_data(config, None, False)
+    sizes = ", ".join(f"{name} {len(split.dataset)}" for name, split in bundle.splits.items())
+    console.print(f"{recipe}: train {len(bundle.train)}, {sizes}", highlight=False)
+    overlap = bundle.info.get("train_overlap")
+    if overlap is not None:
+        console.print(describe_overlap(overlap), highlight=False)
 
 
 app.add_typer(bench_app, name="bench")  # `cope bench` (cope_cli/bench.py, the performance half)

@@ -225,6 +225,12 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
     return _Plan(None)
 
 
+def describe_overlap(overlap: dict[str, int]) -> str:
+    """One line: how many items of each evaluation split also occur in training."""
+    counts = ", ".join(f"{split} {count}" for split, count in overlap.items())
+    return f"evaluation items also in training: {counts}"
+
+
 def build_data_checked(recipe: Recipe, config: Config, options: TrainOptions) -> DataBundle:
     """The recipe's data, checked for the splits the engine needs."""
     bundle = recipe.build_data(config, options.data_dir, options.download)
@@ -294,6 +300,9 @@ def train(
     bundle = build_data_checked(recipe, config, options)
     if bundle.skipped and context.is_main:
         observer.message(f"skipped {bundle.skipped} unreadable items while building the data")
+    overlap = bundle.info.get("train_overlap")  # generated recipes: eval items also in training
+    if overlap is not None and context.is_main:
+        observer.message(describe_overlap(overlap))
     seed_everything(config["train.seed"])
     model = recipe.build_model(config, bundle.info)
     if context.rank > 0:  # same initial weights, but each rank its own dropout/augmentation
@@ -360,6 +369,7 @@ def train(
                 "train_size": len(bundle.train),  # type: ignore[arg-type]
                 "splits": {name: len(split.dataset) for name, split in bundle.splits.items()},
                 "skipped": bundle.skipped,
+                "train_overlap": bundle.info.get("train_overlap"),
                 "total_steps": total_steps,
             }
         )

@@ -138,6 +138,15 @@ CopeGateOption = Annotated[
         "keys), token (a per-token head). Default: qk."
     ),
 ]
+TuneOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tune",
+        help="Choose an option per encoding on val, repeatable: --tune train.lr=3e-4,1e-3,3e-3 "
+        "trains every value and keeps, per encoding, the one with the best mean val accuracy "
+        "(the test splits are never consulted; the report states the choice).",
+    ),
+]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Train again even if an identical finished run exists.")
 ]
@@ -442,6 +451,7 @@ def compare_command(
     out: OutOption = Path("runs"),
     set_: SetOption = None,
     recipe_file: RecipeFileOption = None,
+    tune: TuneOption = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -456,10 +466,13 @@ def compare_command(
     Writes results.json, results.csv, report.md and a bar plot per split
     to OUT/RECIPE/compare-STAMP/.
 
-    Example: cope compare audio-events --pe cope,rope,abs --seeds 3
+    With --tune, each encoding is trained at every candidate value and compared at the one
+    its val accuracy prefers.
+
+    Example: cope compare audio-events --pe cope,rope,abs --seeds 3 --tune train.lr=3e-4,1e-3
     """
     from recipes.base import get_recipe
-    from recipes.engine.compare import compare, parse_pe_list, seed_list
+    from recipes.engine.compare import compare, parse_pe_list, parse_tune_options, seed_list
     from recipes.engine.trainer import TrainOptions
 
     recipe_name, preset_name, layers = _resolve(
@@ -482,6 +495,7 @@ def compare_command(
         preset=preset_name,
         options=options,
         observer=RichObserver(),
+        tune=parse_tune_options(tune),
         **layers,
     )
     _finish_grid(result)
@@ -507,6 +521,7 @@ def sweep_command(
         typer.Option(help="Root of the run directories. Default: the file's `out`, else runs."),
     ] = None,
     device: DeviceOption = None,
+    tune: TuneOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Train every run afresh instead of reusing them.")
     ] = False,
@@ -516,18 +531,26 @@ def sweep_command(
     Keys: recipes = ["counting"], pes = ["cope", "abs"], seeds = 2, preset = "..." (optional).
 
     Tables: [options] for every run; [[variants]] (each with a name, optionally its own pes)
-    as option sets. Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
+    as option sets; [tune] (or --tune, which replaces it): options chosen per encoding on val.
+    Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
 
-    Example: cope sweep sweep.toml --out runs/sweep1
+    Example: cope sweep sweep.toml --out runs/sweep1 --tune train.lr=3e-4,1e-3,3e-3
     """
-    from recipes.engine.compare import sweep
+    from recipes.engine.compare import parse_tune_options, sweep
     from recipes.engine.trainer import TrainOptions
 
     options = TrainOptions(
         resume=not force, on_finished="new" if force else "reuse", explain_fresh=False
     )
     overrides = {"train.device": device} if device is not None else None
-    result = sweep(file, options=options, observer=RichObserver(), out=out, overrides=overrides)
+    result = sweep(
+        file,
+        options=options,
+        observer=RichObserver(),
+        out=out,
+        overrides=overrides,
+        tune=parse_tune_options(tune) or None,
+    )
     _finish_grid(result)
 
 

@@ -18,7 +18,12 @@ from rich.progress import (
 from rich.table import Table
 
 from recipes.engine.evaluate import metric_label, metric_value
-from recipes.engine.report import format_cell, split_heading
+from recipes.engine.report import (
+    convergence_cell,
+    convergence_heading,
+    format_cell,
+    split_heading,
+)
 from recipes.engine.trainer import TrainObserver
 
 console = Console()
@@ -127,13 +132,17 @@ def comparison_table(result: dict[str, Any]) -> Table:
     table.add_column("seeds", justify="right")
     for name, entry in result["splits"].items():
         table.add_column(split_heading(name, entry), justify="right")
+    table.add_column(convergence_heading(result), justify="right")
+    tuning = (result.get("tuning") or {}).get("by_pe", {})
     for pe in result["pes"]:
         cells, seeds = [], 0
         for entry in result["splits"].values():
             summary = entry["by_pe"].get(pe)
             cells.append(format_cell(summary, result["metric"]) if summary else "–")
             seeds = max(seeds, summary["n"] if summary else 0)
-        table.add_row(pe, str(seeds), *cells)
+        cells.append(convergence_cell(result, pe))
+        label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
+        table.add_row(label, str(seeds), *cells)
     return table
 
 

@@ -1,4 +1,4 @@
-"""Clean text splits: no evaluation item of a generated text task is a training item."""
+"""Generated text tasks: clean splits (no evaluation item is a training item) and presets."""
 
 from __future__ import annotations
 
@@ -79,3 +79,12 @@ def test_default_counting_splits_hold_no_training_program():
 def test_a_task_too_small_for_its_splits_fails_within_the_draw_budget():
     with pytest.raises(UserError, match="not training items"):
         build("counting", **{"data.min_statements": 1, "data.max_statements": 1})
+
+
+@pytest.mark.parametrize("recipe", sorted(REPETITIVE))
+def test_paper_presets_follow_the_authors_run_script(recipe):
+    paper = get_recipe(recipe).presets["paper"]
+    assert paper["model.attn_dropout"] == 0.1 and paper["model.dropout"] == 0.1
+    assert paper["model.cope_scale_logits"] is True  # their code divides by sqrt(d)
+    small = {**get_recipe(recipe).defaults, **get_recipe(recipe).presets["small"]}
+    assert small.get("model.cope_scale_logits", False) is False  # the paper's formula

@@ -57,7 +57,8 @@ def create_run_dir(out: Path, recipe: str, pe: str, seed: int) -> Path:
     raise RuntimeError(f"could not create a run directory under {parent}")
 
 
-def _run_order(path: Path) -> tuple[str, int]:
+def run_order(path: Path) -> tuple[str, int]:
+    """Sort key of run directories: their creation stamp, then the same-second counter."""
     match = _RUN_NAME.match(path.name)
     if not match:
         return ("", 0)
@@ -85,7 +86,7 @@ def find_runs(
     runs = [path for path in out.glob(pattern) if is_run_dir(path)]
     if seed is not None:
         runs = [path for path in runs if _RUN_NAME.match(path.name)["seed"] == str(seed)]
-    return sorted(runs, key=_run_order)
+    return sorted(runs, key=run_order)
 
 
 def find_runs_below(root: Path) -> list[Path]:
@@ -95,7 +96,7 @@ def find_runs_below(root: Path) -> list[Path]:
         return [root]
     return sorted(
         (path.parent for path in root.rglob(CONFIG_FILE) if is_run_dir(path.parent)),
-        key=_run_order,
+        key=run_order,
     )
 
 

@@ -71,6 +71,7 @@ def test_report_keeps_one_run_per_seed_the_newest_finished(tmp_path: Path):
     assert result["left_out"] == [str(first)]
     markdown = files["markdown"].read_text()
     assert "the newest finished one" in markdown and str(first) in markdown
+    assert "Command: `cope" in markdown and "; commit " in markdown and "CPUs" in markdown
 
 
 def test_steps_to_threshold_is_the_first_validation_reaching_it(tmp_path: Path):

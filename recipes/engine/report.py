@@ -418,10 +418,25 @@ def plot_split(result: dict[str, Any], split: str, path: Path) -> Path:
     return path
 
 
+def provenance() -> dict[str, Any]:
+    """What made this report: the command line, the code's git commit and the machine."""
+    import os
+    import platform
+    import sys
+
+    return {
+        "command": " ".join(["cope", *sys.argv[1:]]),
+        "git_commit": rundir.git_commit(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+    }
+
+
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Write results.json, results.csv, one PNG per group and split, and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json_atomic(out_dir / "results.json", {"groups": results})
+    made_by = provenance()
+    rundir.write_json_atomic(out_dir / "results.json", {"groups": results, "provenance": made_by})
     with (out_dir / "results.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
@@ -445,7 +460,7 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
             path = out_dir / f"plot_{prefix}{_file_safe(split)}.png"
             plots.append(plot_split(result, split, path))
             result["splits"][split]["plot"] = path.name
-    (out_dir / "report.md").write_text(markdown_report(results))
+    (out_dir / "report.md").write_text(markdown_report(results, made_by))
     return {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",
@@ -454,9 +469,15 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     }
 
 
-def markdown_report(results: list[dict[str, Any]]) -> str:
+def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | None = None) -> str:
     """One markdown table per group: rows = encodings, columns = splits (OOD marked)."""
     lines = ["# cope results", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    if made_by:
+        lines += [
+            f"Command: `{made_by['command']}`; commit {made_by['git_commit']}; "
+            f"machine: {made_by['machine']}.",
+            "",
+        ]
     lines.append(
         "Cells: mean ± sample std over seeds [95% t-interval (exact Student t quantile), "
         "clipped to the metric's range]. OOD = out-of-distribution split. Seeds: one run per "

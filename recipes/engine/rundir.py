@@ -171,7 +171,8 @@ def read_data_dir(run_dir: Path) -> Path | None:
     return Path(value) if value else None
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, or None outside git."""
     root = Path(__file__).resolve().parents[2]
     try:
         result = subprocess.run(
@@ -200,7 +201,7 @@ def environment(device: str, world_size: int = 1) -> dict[str, Any]:
         "world_size": world_size,
         "platform": platform.platform(),
         "hostname": platform.node(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -219,7 +220,7 @@ def note_resumption(run_dir: Path, step: int, device: str) -> None:
             "device": device,
             "command": sys.argv,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
     )
     write_json_atomic(path, env)

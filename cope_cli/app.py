@@ -142,6 +142,15 @@ CopeGateOption = Annotated[
         "at changes between neighbouring keys, token is a per-token head. Default: qk."
     ),
 ]
+TuneOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tune",
+        help="Choose an option per encoding on val, repeatable: --tune train.lr=3e-4,1e-3,3e-3 "
+        "trains every value and keeps, per encoding, the one with the best mean val accuracy "
+        "(the test splits are never consulted; the report states the choice).",
+    ),
+]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Train again even if an identical finished run exists.")
 ]
@@ -477,6 +486,7 @@ def compare_command(
     out: OutOption = Path("runs"),
     set_: SetOption = None,
     recipe_file: RecipeFileOption = None,
+    tune: TuneOption = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -491,11 +501,14 @@ def compare_command(
     Writes results.json, results.csv, report.md and a grouped bar plot (splits x encodings)
     to OUT/RECIPE/compare-STAMP/.
 
-    Example: cope compare audio-events --pe cope,rope,abs --seeds 3
+    With --tune, each encoding is trained at every candidate value and compared at the one
+    its val accuracy prefers.
+
+    Example: cope compare audio-events --pe cope,rope,abs --seeds 3 --tune train.lr=3e-4,1e-3
     """
     from cope_cli.render import RichObserver
     from recipes.base import get_recipe
-    from recipes.engine.compare import compare, parse_pe_list, seed_list
+    from recipes.engine.compare import compare, parse_pe_list, parse_tune_options, seed_list
     from recipes.engine.trainer import TrainOptions
 
     recipe_name, preset_name, layers = _resolve(
@@ -518,6 +531,7 @@ def compare_command(
         preset=preset_name,
         options=options,
         observer=RichObserver(),
+        tune=parse_tune_options(tune),
         **layers,
     )
     _finish_grid(result)
@@ -545,6 +559,7 @@ def sweep_command(
         typer.Option(help="Root of the run directories. Default: the file's `out`, else runs."),
     ] = None,
     device: DeviceOption = None,
+    tune: TuneOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Train every run afresh instead of reusing them.")
     ] = False,
@@ -554,19 +569,27 @@ def sweep_command(
     Keys: recipes = ["counting"], pes = ["cope", "abs"], seeds = 2, preset = "..." (optional).
 
     Tables: [options] for every run; [[variants]] (each with a name, optionally its own pes)
-    as option sets. Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
+    as option sets; [tune] (or --tune, which replaces it): options chosen per encoding on val.
+    Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
 
-    Example: cope sweep sweep.toml --out runs/sweep1
+    Example: cope sweep sweep.toml --out runs/sweep1 --tune train.lr=3e-4,1e-3,3e-3
     """
     from cope_cli.render import RichObserver
-    from recipes.engine.compare import sweep
+    from recipes.engine.compare import parse_tune_options, sweep
     from recipes.engine.trainer import TrainOptions
 
     options = TrainOptions(
         resume=not force, on_finished="new" if force else "reuse", explain_fresh=False
     )
     overrides = {"train.device": device} if device is not None else None
-    result = sweep(file, options=options, observer=RichObserver(), out=out, overrides=overrides)
+    result = sweep(
+        file,
+        options=options,
+        observer=RichObserver(),
+        out=out,
+        overrides=overrides,
+        tune=parse_tune_options(tune) or None,
+    )
     _finish_grid(result)
 
 
@@ -654,15 +677,36 @@ def positions_command(
 def data_command(
     recipe: Annotated[str, typer.Argument(help="Recipe name.", show_default=False)],
     root: Annotated[Path, typer.Option(help="Where to put the dataset.")] = Path("data"),
+    preset: PresetOption = None,
+    set_: SetOption = None,
 ) -> None:
-    """Fetch a recipe's dataset into ROOT (recipes with data source 'download').
+    """Fetch a recipe's dataset into ROOT, or describe a generated recipe's splits.
 
-    Example: cope data speech-commands --root data/
+    Generated recipes: the size of each split and, for the text tasks, how many of its items
+    also occur in training (0 with data.dedup, the default).
+
+    Example: cope data speech-commands --root data/ ; cope data counting --set data.num_vars=3
     """
     from recipes.base import get_recipe
+    from recipes.engine.config import resolve_config
+    from recipes.engine.trainer import describe_overlap
 
-    path = get_recipe(recipe).download(root)
-    console.print(f"data ready in [bold]{path}[/]", highlight=False)
+    recipe_obj = get_recipe(recipe)
+    if recipe_obj.data_source != "generated":
+        path = recipe_obj.download(root)
+        console.print(f"data ready in [bold]{path}[/]", highlight=False)
+        return
+    _, preset_name, layers = _resolve(
+        recipe, recipe_file=None, preset=preset, pe=None, seed=None, steps=None, epochs=None,
+        device=None, sets=set_,
+    )  # fmt: skip
+    config = resolve_config(recipe_obj, preset=preset_name, **layers)
+    bundle = recipe_obj.build_data(config, None, False)
+    sizes = ", ".join(f"{name} {len(split.dataset)}" for name, split in bundle.splits.items())
+    console.print(f"{recipe}: train {len(bundle.train)}, {sizes}", highlight=False)
+    overlap = bundle.info.get("train_overlap")
+    if overlap is not None:
+        console.print(describe_overlap(overlap), highlight=False)
 
 
 app.add_typer(bench_app, name="bench")  # `cope bench` (cope_cli/bench.py, the performance half)

@@ -19,7 +19,12 @@ from rich.table import Table
 
 from cope_cli.console import console
 from recipes.engine.evaluate import metric_label, metric_value
-from recipes.engine.report import format_cell, split_heading
+from recipes.engine.report import (
+    convergence_cell,
+    convergence_heading,
+    format_cell,
+    split_heading,
+)
 from recipes.engine.trainer import TrainObserver
 
 PLAIN_LINES_PER_RUN = 20  # without a terminal (a batch-job log): a line per 5 % (on log steps)
@@ -136,8 +141,9 @@ def evaluation_table(evaluation: dict[str, Any], title: str) -> Table:
 def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
     """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds.
 
-    Narrower than 120 columns (an 80-column terminal), cells drop the interval (report.md keeps
-    it) and OOD splits are marked with a dagger, so no cell wraps.
+    Narrower than 120 columns (an 80-column terminal), cells drop the interval and the
+    steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger, so
+    no cell wraps.
     """
     wide = (width or console.width) >= 120
     interval = " [95% CI]" if wide else ""
@@ -151,6 +157,9 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
     for name, entry in result["splits"].items():
         heading = split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
         table.add_column(heading, justify="right", no_wrap=True)
+    if wide:  # steps to threshold: report.md and results.json keep it in narrow terminals
+        table.add_column(convergence_heading(result), justify="right")
+    tuning = (result.get("tuning") or {}).get("by_pe", {})
     for pe in result["pes"]:
         cells, seeds = [], 0
         for entry in result["splits"].values():
@@ -158,7 +167,10 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
             cell = format_cell(summary, result["metric"], wide, seeds_note=wide) if summary else "–"
             cells.append(cell)
             seeds = max(seeds, summary["n"] if summary else 0)
-        table.add_row(pe, str(seeds), *cells)
+        if wide:
+            cells.append(convergence_cell(result, pe))
+        label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
+        table.add_row(label, str(seeds), *cells)
     return table
 
 

@@ -2,7 +2,7 @@
 
 The encoding acts only through its interface: ``rotate`` q/k, add ``score_bias`` to the scores,
 or, when it ``replaces_kernel`` (CoPE), compute attention itself. Everything else goes through
-``torch.nn.functional.scaled_dot_product_attention`` (a float mask carries ALiBi/T5 biases), or,
+``torch.nn.functional.scaled_dot_product_attention`` (a float mask carries ALiBi/T5/rel biases), or,
 while recording, through the explicit softmax written beside it.
 """
 
@@ -80,8 +80,8 @@ class MultiHeadAttention(nn.Module):
     While ``record`` is on, ``last_record`` holds ``{"attention": (B, H, T, T), "positions":
     (B, H, T, T) or None}`` from the latest forward (positions: CoPE's contextual positions),
     and for CoPE also ``"gates"`` (B, H, T, T).
-    No dropout on attention weights: CoPE's kernel has none, and every encoding must train
-    under the same regularisation (the blocks drop out on their residual branches).
+    ``attn_dropout`` drops attention weights while training, for every encoding alike (the
+    CoPE paper's run script uses 0.1; CoPE applies it in its own ``attend``). Default 0.
     """
 
     def __init__(
@@ -91,11 +91,12 @@ class MultiHeadAttention(nn.Module):
         positions: PositionEncoding,
         *,
         causal: bool,
+        attn_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"model dim {dim} is not divisible by {heads} heads")
-        self.heads, self.causal = heads, causal
+        self.heads, self.causal, self.attn_dropout = heads, causal, attn_dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.positions = positions
@@ -113,17 +114,32 @@ class MultiHeadAttention(nn.Module):
         positions = None
         if self.positions.replaces_kernel:
             out, weights, positions = self.positions.attend(
-                q, k, v, key_padding_mask=padding_mask, record=self.record, layer_input=x
+                q,
+                k,
+                v,
+                key_padding_mask=padding_mask,
+                record=self.record,
+                layer_input=x,
+                coords=coords,
             )
         else:
-            bias = self.positions.score_bias(coords)
+            bias = self.positions.score_bias(coords, q)
+            dropout = self.attn_dropout if self.training else 0.0
             if self.record:
                 out, weights = explicit_attention(
                     q, k, v, causal=self.causal, key_padding_mask=padding_mask, bias=bias
                 )
+                if dropout > 0:
+                    out = F.dropout(weights, dropout) @ v
             else:
                 out = fused_attention(
-                    q, k, v, causal=self.causal, key_padding_mask=padding_mask, bias=bias
+                    q,
+                    k,
+                    v,
+                    causal=self.causal,
+                    key_padding_mask=padding_mask,
+                    bias=bias,
+                    dropout_p=dropout,
                 )
                 weights = None
         if self.record:

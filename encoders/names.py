@@ -5,6 +5,6 @@ the registries (encoders.positions, encoders.cope_core)."""
 from __future__ import annotations
 
 POSITION_ENCODINGS: tuple[str, ...] = (
-    "nope", "abs", "sin", "rope", "alibi", "rel", "cope", "cope+rope"
+    "nope", "abs", "sin", "rope", "alibi", "t5", "rel", "cope", "cope+rope"
 )  # fmt: skip
 GATES: tuple[str, ...] = ("qk", "onset", "token")

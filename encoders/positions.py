@@ -5,17 +5,25 @@ acts through four hooks that :mod:`encoders.attention` calls for every encoding 
 
 - ``input_encoding(spec)`` (class method): a model-level module added to the encoder's input
   (``abs``, ``sin``), built once per model; None for the others.
-- ``rotate(q, k, coords)``: rotates queries and keys before the scores (``rope``, ``cope+rope``).
-- ``score_bias(coords)``: an additive (heads, T, T) bias on the scores (``alibi``, ``rel``).
-- ``replaces_kernel`` / ``attend(...)``: the encoding computes attention itself (``cope``).
+- ``rotate(q, k, coords)``: rotates queries and keys before the scores (``rope``).
+- ``score_bias(coords, q)``: an additive bias on the scaled scores, (heads, T, T) or, when it
+  depends on the queries, (B, heads, T, T) (``alibi``, ``t5``, ``rel``).
+- ``replaces_kernel`` / ``attend(...)``: the encoding computes attention itself (``cope``,
+  ``cope+rope``, which rotates inside its kernel: see :class:`ContextualRotaryPositions`).
 
-An instance is built per attention layer and holds that layer's state (a CoPE table, the T5
-bucket biases); model-level state (the learned absolute table) lives in the input module.
+An instance is built per attention layer and holds that layer's state (a CoPE table, the
+relative table, the T5 bucket biases); model-level state (the learned absolute table) lives in
+the input module.
+
+Two relative baselines: ``rel`` is the CoPE paper's (a learned vector per clipped distance,
+q_i . r[i-j], as in the authors' code), ``t5`` is T5's bucketed scalar bias per head. Runs saved
+before ``t5`` existed called T5's biases ``rel``; :mod:`recipes.engine.rundir` reads them back as
+``t5``.
 
 Coordinates: ``coords`` is (T, n_axes) long, the position of each token along each axis (1-D
 sequences: (T, 1) = arange). Only ``rope`` uses several axes (axial: the head dimension is split
-evenly across the axes); ``alibi`` and ``rel`` use the single axis of 1-D coordinates and the flat
-token index otherwise; ``abs`` and ``sin`` always use the flat token index.
+evenly across the axes); ``alibi``, ``t5`` and ``rel`` use the single axis of 1-D coordinates and
+the flat token index otherwise; ``abs`` and ``sin`` always use the flat token index.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ from torch import Tensor, nn
 from encoders.cope import (
     CoPE,
     compute_dtype,
+    cope_attention,
     cope_gates,
     onset_keys,
     reference_cope_attention,
+    table_size,
 )
 
 
@@ -50,6 +60,10 @@ class PositionSpec:
     cope_per_head: bool = False
     cope_impl: str = "auto"
     cope_gate: str = "qk"  # CoPE gate variant: qk (paper), onset, token (encoders.cope)
+    # The authors' code divides CoPE's position logits by sqrt(head_dim) along with the scores
+    # (its default; --cope-nodiv gives the paper's formula, our default False).
+    cope_scale_logits: bool = False
+    attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
 
     @property
     def head_dim(self) -> int:
@@ -76,8 +90,11 @@ class PositionEncoding(nn.Module):
         """Queries and keys (B, H, T, D) after any rotation; identity by default."""
         return q, k
 
-    def score_bias(self, coords: Tensor) -> Tensor | None:
-        """An additive bias (H, T, T) on the scaled scores, or None."""
+    def score_bias(self, coords: Tensor, q: Tensor) -> Tensor | None:
+        """An additive bias (H, T, T) or (B, H, T, T) on the scaled scores, or None.
+
+        ``q`` (B, H, T, D): the layer's queries, for biases that depend on them (``rel``).
+        """
         return None
 
     def attend(
@@ -89,11 +106,12 @@ class PositionEncoding(nn.Module):
         key_padding_mask: Tensor | None,
         record: bool,
         layer_input: Tensor | None = None,
+        coords: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Attention computed by the encoding: (output, weights if record, positions if record).
 
         ``layer_input`` (B, T, dim) is what the layer's q/k/v were projected from (for gates
-        computed from the tokens themselves).
+        computed from the tokens themselves); ``coords`` (T, n_axes) the tokens' coordinates.
         """
         raise NotImplementedError(f"{type(self).__name__} does not replace the attention kernel")
 
@@ -297,7 +315,7 @@ class AlibiPositions(PositionEncoding):
         super().__init__(spec)
         self.register_buffer("slopes", alibi_slopes(spec.heads), persistent=False)
 
-    def score_bias(self, coords: Tensor) -> Tensor:
+    def score_bias(self, coords: Tensor, q: Tensor) -> Tensor:
         positions = flat_positions(coords)
         distance = (positions[:, None] - positions[None, :]).float()  # i - j, (T, T)
         if not self.spec.causal:
@@ -326,6 +344,36 @@ def t5_relative_buckets(
 
 
 @register_position_encoding("rel")
+class RelativePositions(PositionEncoding):
+    """The CoPE paper's relative baseline: q_i . r[i-j], a learned vector per clipped distance.
+
+    As the authors' code (``RelPosEmb`` in facebookresearch/RAM projects/cope): one table of
+    head_dim vectors shared by the heads, randn / sqrt(head_dim) init, and the logit added to
+    q_i . k_j before the division by sqrt(head_dim). Distances are clipped at npos - 1 (the CoPE
+    cap, so both encodings see the same range); bidirectionally the signed distance i - j has
+    2*npos-1 rows. One difference, to keep every learned position state per layer like CoPE's:
+    each layer has its own table (the authors' code shares one across layers).
+    """
+
+    acts_on = "scores"
+
+    def __init__(self, spec: PositionSpec) -> None:
+        super().__init__(spec)
+        rows = table_size(spec.npos, spec.causal)
+        self.table = nn.Parameter(torch.randn(rows, spec.head_dim) * spec.head_dim**-0.5)
+
+    def score_bias(self, coords: Tensor, q: Tensor) -> Tensor:
+        positions = flat_positions(coords)
+        distance = positions[:, None] - positions[None, :]  # i - j, (T, T)
+        cap = self.spec.npos - 1
+        # Causal: future keys are masked anyway, so their (clamped) row does not matter.
+        rows = distance.clamp(0, cap) if self.spec.causal else distance.clamp(-cap, cap) + cap
+        logits = q @ self.table.to(q.dtype).transpose(0, 1)  # q_i . r[n], (B, H, T, rows)
+        index = rows.expand(*q.shape[:-2], *rows.shape)  # (B, H, T, T)
+        return logits.gather(-1, index) / math.sqrt(q.shape[-1])
+
+
+@register_position_encoding("t5")
 class T5RelativePositions(PositionEncoding):
     """T5 bucketed relative bias: a learned scalar per (bucket, head), one table per layer."""
 
@@ -338,7 +386,7 @@ class T5RelativePositions(PositionEncoding):
         # Zero init: the layer starts as NoPE and learns which offsets matter.
         self.bias = nn.Parameter(torch.zeros(self.num_buckets, spec.heads))
 
-    def score_bias(self, coords: Tensor) -> Tensor:
+    def score_bias(self, coords: Tensor, q: Tensor) -> Tensor:
         positions = flat_positions(coords)
         relative = positions[None, :] - positions[:, None]  # key - query, (T, T)
         buckets = t5_relative_buckets(
@@ -360,6 +408,10 @@ class ContextualPositions(PositionEncoding):
 
     ``spec.cope_gate`` picks the gate: "qk" (paper), "onset" (differenced keys) or "token"
     (``gate_head``: a Linear(dim, heads) on the layer input, one gate logit per key and head).
+    ``spec.cope_scale_logits`` divides the position logits z_i[n] = q_i . e[n] by sqrt(d), as
+    the authors' code does by default; it passes the kernel e / sqrt(d), which is exactly
+    (q_i . e[n]) / sqrt(d). ``spec.attn_dropout`` drops attention weights while training (the
+    kernels have no dropout, so training with it runs the reference, which keeps the weights).
     While recording, ``last_gates`` keeps the gates (B, H, T, T) for `cope positions`.
     """
 
@@ -394,6 +446,20 @@ class ContextualPositions(PositionEncoding):
             return None, self.gate_head(layer_input).transpose(1, 2)  # (B, H, T)
         return None, None
 
+    def position_table(self) -> Tensor:
+        """The table e the kernel sees: the learned one, divided by sqrt(d) when scaling."""
+        table = self.cope.pos_emb
+        if self.spec.cope_scale_logits:
+            table = table / math.sqrt(self.spec.head_dim)
+        return table
+
+    def kernel_inputs(
+        self, q: Tensor, k: Tensor, v: Tensor, coords: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v, table) handed to the CoPE kernel; :class:`ContextualRotaryPositions` adds
+        its rotation here."""
+        return q, k, v, self.position_table()
+
     def attend(
         self,
         q: Tensor,
@@ -403,42 +469,81 @@ class ContextualPositions(PositionEncoding):
         key_padding_mask: Tensor | None,
         record: bool,
         layer_input: Tensor | None = None,
+        coords: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        head_dim = v.shape[-1]
+        q, k, v, table = self.kernel_inputs(q, k, v, coords)
         gate_keys, gate_logits = self.gate_inputs(k, layer_input)
-        if record:
-            # The reference is the one path that keeps weights and positions to show.
+        gate = {"gate": self.spec.cope_gate, "gate_keys": gate_keys, "gate_logits": gate_logits}
+        dropout = self.spec.attn_dropout if self.training else 0.0
+        self.last_gates = None
+        if record or dropout > 0:
+            # The reference is the one path that keeps weights (to show, or to drop out).
             out, weights, positions = reference_cope_attention(
                 q,
                 k,
                 v,
-                self.cope.pos_emb,
+                table,
                 causal=self.spec.causal,
                 key_padding_mask=key_padding_mask,
                 return_weights=True,
-                gate=self.spec.cope_gate,
-                gate_keys=gate_keys,
-                gate_logits=gate_logits,
+                **gate,
             )
-            self.last_gates = cope_gates(
-                q,
-                k,
-                causal=self.spec.causal,
-                key_padding_mask=key_padding_mask,
-                gate=self.spec.cope_gate,
-                gate_keys=gate_keys,
-                gate_logits=gate_logits,
-            ).detach()
-            return out, weights, positions
-        self.last_gates = None
-        out = self.cope(q, k, v, key_padding_mask=key_padding_mask, gate_logits=gate_logits)
-        return out, None, None
+            if dropout > 0:
+                out = (F.dropout(weights, dropout) @ v.to(weights.dtype)).to(v.dtype)
+            if record:
+                gates = cope_gates(
+                    q, k, causal=self.spec.causal, key_padding_mask=key_padding_mask, **gate
+                )
+                self.last_gates = gates.detach()
+            out = out[..., :head_dim]
+            return (out, weights, positions) if record else (out, None, None)
+        out = cope_attention(
+            q,
+            k,
+            v,
+            table,
+            causal=self.spec.causal,
+            key_padding_mask=key_padding_mask,
+            impl=self.spec.cope_impl,
+            **gate,
+        )
+        return out[..., :head_dim], None, None
+
+
+# RoPE scores through a kernel of twice the head dimension: q' = c R q and k' = c R k with
+# c^2 = sqrt(2), so q'.k' / sqrt(2d) = (R q).(R k) / sqrt(d).
+_ROTARY_FACTOR = 2**0.25
 
 
 @register_position_encoding("cope+rope")
 class ContextualRotaryPositions(ContextualPositions):
-    """RoPE-rotated queries and keys, then CoPE on the rotated pair."""
+    """RoPE-rotated scores and gates; CoPE's position logits from the unrotated query.
+
+    Choice (a rotated query would break RoPE's shift invariance): the scores and gates use the
+    rotated pair, (R_i q_i).(R_j k_j), which depends on i - j only; the position logits use
+    z_i[n] = q_i . e[n] with the unrotated query, because e[n] is indexed by a contextual
+    position, not rotated with it: (R_i q_i) . e[n] would depend on the query's absolute index.
+    Shifting every coordinate therefore leaves the output unchanged.
+
+    The CoPE kernel takes one query for both, so it runs on a concatenated head of 2d dims:
+    q' = [c R q, q], k' = [c R k, 0], v' = [v, 0] and table e' = [0, e] (c = 2^(1/4)), which give
+    exactly the scores, gates and logits above; the first d dims of the output are the result.
+    This costs the kernel twice its head dimension.
+    """
 
     acts_on = "q/k + kernel"
 
-    def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
-        return apply_rope(q, coords), apply_rope(k, coords)
+    def kernel_inputs(
+        self, q: Tensor, k: Tensor, v: Tensor, coords: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if coords is None:
+            coords = torch.arange(q.shape[-2], device=q.device)[:, None]
+        rotated_q = apply_rope(q, coords) * _ROTARY_FACTOR
+        rotated_k = apply_rope(k, coords) * _ROTARY_FACTOR
+        table = self.position_table()
+        wide_q = torch.cat((rotated_q, q), dim=-1)
+        wide_k = torch.cat((rotated_k, torch.zeros_like(k)), dim=-1)
+        wide_v = torch.cat((v, torch.zeros_like(v)), dim=-1)
+        wide_table = torch.cat((torch.zeros_like(table), table), dim=-1)
+        return wide_q, wide_k, wide_v, wide_table

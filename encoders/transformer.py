@@ -52,6 +52,9 @@ class EncoderConfig:
     pooling: str = "cls"  # "cls" | "mean"
     grid: tuple[int, ...] | None = None  # row-major token layout for axial coords (see Encoder)
     cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token": CoPE's gate (encoders.cope)
+    # The paper's formula (False) or the authors' code (True): CoPE's position logits / sqrt(d).
+    cope_scale_logits: bool = False
+    attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -60,6 +63,8 @@ class EncoderConfig:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.cope_gate not in GATES:
             raise ValueError(f"cope_gate must be one of {', '.join(GATES)}, got {self.cope_gate!r}")
+        if not 0.0 <= self.attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.grid is not None:
@@ -84,6 +89,8 @@ class EncoderConfig:
             cope_per_head=self.cope_per_head,
             cope_impl=self.cope_impl,
             cope_gate=self.cope_gate,
+            cope_scale_logits=self.cope_scale_logits,
+            attn_dropout=self.attn_dropout,
         )
 
 
@@ -114,7 +121,11 @@ class Block(nn.Module):
         super().__init__()
         positions = get_position_encoding(config.pe)(config.position_spec())
         self.attention = MultiHeadAttention(
-            config.dim, config.heads, positions, causal=config.causal
+            config.dim,
+            config.heads,
+            positions,
+            causal=config.causal,
+            attn_dropout=config.attn_dropout,
         )
         self.feed_forward = FeedForward(config.dim, config.mlp_dim, config.dropout)
         self.norm_attention = nn.LayerNorm(config.dim)

@@ -5,10 +5,22 @@ for every position, the answer class due there or IGNORE_INDEX. :class:`Generate
 turns such a generator into a map-style dataset whose item ``i`` is drawn from its own random
 stream, seeded by ``(data.seed, split name, i)``. So the data is the same for every model seed
 and every data order, every split is independent of the others, and nothing needs storing.
+
+Clean evaluation splits (``data.dedup``, on by default): a generator can repeat itself (with the
+authors' counting weights, 32,000 training programs hold only 17,152 distinct ones, and half of
+a val split drawn like training repeats a training program), and an evaluation item that was
+trained on measures memorisation. :func:`separate_from_training` therefore rebuilds every
+evaluation split from the draws whose tokens hash to no training item: item ``i`` is the i-th
+such draw of the split's stream, at most ``DRAW_BUDGET`` x size draws (then a UserError), so
+the splits stay deterministic from the seed. Every recipe reports the overlap it then recounts
+(``info["train_overlap"]``, split -> items also in training), shown by `cope data` and logged
+by `cope train`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,11 +29,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from recipes.base import IGNORE_INDEX, Config, UserError, encoder_config
+from recipes.base import IGNORE_INDEX, Config, Split, UserError, encoder_config
 
 PAD = "<pad>"  # index 0, the value pad_collate fills inputs with
 Example = tuple[list[str], list[int]]  # tokens, answer class per position (IGNORE_INDEX: none)
 Generator = Callable[[random.Random], Example]
+
+# Draws an evaluation split may make per item it keeps, when it skips training items.
+DRAW_BUDGET = 20
 
 
 class Vocabulary:
@@ -50,9 +65,15 @@ def example_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"{seed}:{split}:{index}")
 
 
+def token_digest(tokens: Sequence[str]) -> bytes:
+    """A 16-byte hash of an item's tokens: what de-duplication compares (answers follow)."""
+    return hashlib.blake2b("\x1f".join(tokens).encode(), digest_size=16).digest()
+
+
 class GeneratedTokenDataset(Dataset):
     """``size`` examples of a generator, item ``i`` drawn from ``example_rng(seed, split, i)``.
 
+    After :meth:`exclude`, item ``i`` is instead the i-th draw whose tokens are not excluded.
     Items are ``{"inputs": (T,) long token ids, "targets": (T,) long answer classes}``.
     Evaluation splits are small and read every evaluation, so they are cached once generated.
     """
@@ -75,6 +96,7 @@ class GeneratedTokenDataset(Dataset):
         self.seed = seed
         self.split = split
         self.cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
+        self.draws: Sequence[int] = range(size)  # the stream index of each item
 
     def __len__(self) -> int:
         return self.size
@@ -83,7 +105,34 @@ class GeneratedTokenDataset(Dataset):
         """The raw (tokens, answers) of item ``index``, for tests and plots."""
         if not 0 <= index < self.size:
             raise IndexError(index)
-        return self.make(example_rng(self.seed, self.split, index))
+        return self.make(example_rng(self.seed, self.split, self.draws[index]))
+
+    def digests(self) -> set[bytes]:
+        """The token digest of every item."""
+        return {token_digest(self.example(index)[0]) for index in range(self.size)}
+
+    def exclude(self, digests: set[bytes] | frozenset[bytes]) -> None:
+        """Keep only draws whose tokens are not in ``digests``: the first ``size`` of them.
+
+        Raises a UserError when ``DRAW_BUDGET`` x size draws do not give ``size`` such items.
+        """
+        budget = DRAW_BUDGET * self.size
+        draws: list[int] = []
+        for draw in range(budget):
+            tokens, _ = self.make(example_rng(self.seed, self.split, draw))
+            if token_digest(tokens) not in digests:
+                draws.append(draw)
+                if len(draws) == self.size:
+                    break
+        if len(draws) < self.size:
+            raise UserError(
+                f"the {self.split} split needs {self.size} items that are not training items, "
+                f"but {budget} draws gave only {len(draws)}: the task has too few distinct "
+                "items for these sizes; lower data.eval_size or data.train_size"
+            )
+        self.draws = draws
+        if self.cache is not None:
+            self.cache.clear()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.cache is not None and index in self.cache:
@@ -96,6 +145,43 @@ class GeneratedTokenDataset(Dataset):
         if self.cache is not None:
             self.cache[index] = item
         return item
+
+
+# Training digests per data configuration, so a comparison's runs hash the training set once.
+_TRAINING_DIGESTS: dict[str, frozenset[bytes]] = {}
+_TRAINING_DIGESTS_KEPT = 4
+
+
+def training_digests(recipe: str, config: Config, train: GeneratedTokenDataset) -> frozenset[bytes]:
+    """Digests of every training item, cached per process by recipe and ``data.*`` options."""
+    data_options = {key: value for key, value in config.items() if key.startswith("data.")}
+    key = json.dumps([recipe, data_options], sort_keys=True, default=str)
+    if key not in _TRAINING_DIGESTS:
+        if len(_TRAINING_DIGESTS) >= _TRAINING_DIGESTS_KEPT:
+            _TRAINING_DIGESTS.pop(next(iter(_TRAINING_DIGESTS)))
+        _TRAINING_DIGESTS[key] = frozenset(train.digests())
+    return _TRAINING_DIGESTS[key]
+
+
+def separate_from_training(
+    recipe: str, config: Config, train: GeneratedTokenDataset, splits: dict[str, Split]
+) -> dict[str, int]:
+    """Drop training items from every evaluation split (``data.dedup``); the overlap recounted.
+
+    Returns split name -> number of its items whose tokens also occur in training (0 for
+    every split when ``data.dedup`` is on).
+    """
+    training = training_digests(recipe, config, train)
+    if option(config, "data.dedup", bool):
+        for split in splits.values():
+            split.dataset.exclude(training)
+    return {
+        name: sum(
+            token_digest(split.dataset.example(index)[0]) in training
+            for index in range(len(split.dataset))
+        )
+        for name, split in splits.items()
+    }
 
 
 def answer_positions(answers: Sequence[int]) -> list[int]:
@@ -160,8 +246,10 @@ def token_signal(item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
 
 
 # Presets shared by the text tasks. "small" is the prototype's (docs/tasks.md), which trains on
-# 2 CPUs in minutes; "paper" is the CoPE paper's (4 layers x 256, 4 heads, post-norm, dropout
-# 0.1, batch 64, Adam at 7e-5; see run.sh in facebookresearch/RAM projects/cope).
+# 2 CPUs in minutes; "paper" is the CoPE paper's as the authors' run script trains it (run.sh in
+# facebookresearch/RAM projects/cope: 4 layers x 256, 4 heads, post-norm, batch 64, Adam at
+# 7e-5, --drop 0.1, which their code applies to the residual branches and the attention weights
+# alike, and no --cope-nodiv, so their code divides CoPE's position logits by sqrt(d)).
 SMALL_MODEL: Config = {
     "model.dim": 64,
     "model.depth": 2,
@@ -188,6 +276,8 @@ PAPER_MODEL: Config = {
     "model.heads": 4,
     "model.mlp_dim": 1024,
     "model.dropout": 0.1,
+    "model.attn_dropout": 0.1,
+    "model.cope_scale_logits": True,
     "model.norm": "post",
 }
 PAPER_TRAIN: Config = {
@@ -206,4 +296,5 @@ TEXT_DEFAULTS: Config = {
     "model.causal": True,
     "train.patience": 0,
     "data.seed": 0,
+    "data.dedup": True,  # evaluation splits hold no training item (separate_from_training)
 }

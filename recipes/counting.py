@@ -17,7 +17,10 @@ loss is on the answer only.
 
 Splits: ``val`` and ``test`` as training; OOD ``long`` (longer programs) and ``more-pass``
 (training-like programs with as many extra ``pass ;`` statements again inserted at random
-places: the same assignments and increments, further apart).
+places: the same assignments and increments, further apart). No evaluation program is a
+training program (``data.dedup``, :func:`recipes._text.separate_from_training`): with these
+weights about half of the programs drawn like training repeat one, so ``val``/``test`` are drawn
+from the programs training did not see, which are longer and rarer on average.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from recipes._text import (
     build_token_model,
     check_range,
     option,
+    separate_from_training,
     token_signal,
 )
 from recipes.base import (
@@ -254,6 +258,7 @@ class Counting(Recipe):
             "answer_names": [str(value) for value in range(NUM_CLASSES)],
         }
         train = dataset("train", train_size, lengths)
+        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
         return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:

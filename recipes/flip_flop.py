@@ -35,6 +35,7 @@ from recipes._text import (
     build_token_model,
     check_probability,
     option,
+    separate_from_training,
     token_signal,
 )
 from recipes.base import (
@@ -170,6 +171,7 @@ class FlipFlop(Recipe):
             "answer_names": list(BITS),
         }
         train = dataset("train", option(config, "data.train_size", int), ignore["test"])
+        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
         return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:

@@ -35,6 +35,7 @@ from recipes._text import (
     build_token_model,
     check_range,
     option,
+    separate_from_training,
     token_signal,
 )
 from recipes.base import (
@@ -194,6 +195,7 @@ class SelectiveCopy(Recipe):
             "answer_names": [color_token(color) for color in range(num_colors)],
         }
         train = dataset("train", option(config, "data.train_size", int), ranges["test"])
+        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
         return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:

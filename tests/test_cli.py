@@ -213,7 +213,7 @@ def test_config_shows_each_value_and_the_layer_that_set_it() -> None:
         (["eval", "tiny-majority", "--pe", "alibi"], "no finished run"),
         (["report", "missing-dir"], "runs directory not found"),
         (["positions", "missing-dir"], "run directory not found"),
-        (["data", "tiny-majority"], "nothing to download"),
+        (["data", "audio-folder"], "nothing to download"),
         (["sweep", "absent.toml"], "file not found"),
     ],
 )
@@ -363,6 +363,7 @@ def test_positions_of_a_non_cope_run_draws_attention_only(tmp_path: Path) -> Non
 def test_counting_end_to_end_train_and_eval(tmp_path: Path) -> None:
     small = [
         "--set", "data.eval_size=8", "--set", "data.max_statements=8",
+        "--set", "data.train_size=64",
         "--set", "data.long_min_statements=9", "--set", "data.long_max_statements=12",
         "--set", "model.max_len=80", "--set", "model.npos=16", "--set", "model.dim=16",
         "--set", "model.mlp_dim=32", "--set", "model.heads=2", "--set", "train.batch_size=4",
@@ -483,3 +484,10 @@ def test_compare_table_fits_an_80_column_terminal() -> None:
     wide = Console(width=200, record=True)
     wide.print(comparison_table(result, width=200))
     assert "[0.923, 0.983]" in wide.export_text()
+
+
+def test_data_describes_a_generated_text_task_with_its_training_overlap() -> None:
+    result = cope("data", "flip-flop", "--set", "data.train_size=50", "--set", "data.eval_size=5")
+    assert result.exit_code == 0, result.output
+    assert "train 50, val 5, test 5" in result.output
+    assert "evaluation items also in training: val 0, test 0, sparse 0, dense 0" in result.output

@@ -315,7 +315,7 @@ def test_bad_data_options_fail_before_a_run_directory_exists(tmp_path: Path) -> 
 def test_summary_gives_sample_std_and_t_interval() -> None:
     summary = summarise([1.0, 2.0, 3.0])
     assert summary["mean"] == 2.0 and summary["std"] == pytest.approx(1.0)
-    half = 4.303 / math.sqrt(3)
+    half = 4.3026527297 / math.sqrt(3)  # t_{0.975, 2}
     assert summary["ci_low"] == pytest.approx(2.0 - half)
     assert summary["ci_high"] == pytest.approx(2.0 + half)
     assert math.isnan(summarise([0.5])["std"])

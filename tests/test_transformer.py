@@ -22,7 +22,7 @@ from encoders.transformer import (
     set_recording,
 )
 
-ALL_ENCODINGS = ["nope", "abs", "sin", "rope", "alibi", "rel", "cope", "cope+rope"]
+ALL_ENCODINGS = ["nope", "abs", "sin", "rope", "alibi", "t5", "rel", "cope", "cope+rope"]
 
 
 def small_config(**options) -> EncoderConfig:

@@ -3,6 +3,17 @@
 ``results.json`` (everything, per run and aggregated), ``results.csv`` (one row per group,
 encoding and split), ``plot.png`` (splits x encodings, 95% interval as error bars)
 and ``report.md`` (markdown tables). `cope compare`, `cope sweep` and `cope report` all end here.
+
+Replicates: one entry per (configuration, encoding, seed), the newest finished run; repeats of
+a seed (a ``--force`` rerun) are listed as left out, never averaged as further seeds.
+
+Convergence: beside the final metric, each table gives the steps a run took to first reach
+``THRESHOLD_FRACTION`` of the best validation accuracy any run of its group reached (from the
+runs' periodic ``val`` evaluations), so an encoding that did not converge shows as such.
+
+Tuning: when a comparison chose options per encoding on ``val`` (``--tune``), the runs of the
+chosen values form the table, the chosen values are stated, and every candidate's mean ``val``
+is listed (the test splits are never consulted).
 """
 
 from __future__ import annotations
@@ -21,25 +32,82 @@ from recipes.engine import rundir
 from recipes.engine.config import VOLATILE_KEYS
 from recipes.engine.evaluate import metric_label, metric_value
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (t_{0.975, df}).
-_T_975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]  # fmt: skip
-
 # Keys that name a run within a group rather than distinguish groups (a CoPE gate variant is
 # shown as an encoding of its own, e.g. "cope[onset]", beside the baselines).
 _RUN_KEYS = ("model.pe", "train.seed", "model.cope_gate")
 
+# Convergence: steps to first reach this fraction of the group's best validation accuracy.
+THRESHOLD_FRACTION = 0.95
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), to double precision.
+
+    The fraction converges fast for x < (a + 1) / (a + b + 2); beyond it the symmetry
+    I_x(a, b) = 1 - I_{1-x}(b, a) is used (Numerical Recipes, Sec. 6.4).
+    """
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - regularized_incomplete_beta(b, a, 1.0 - x)
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+        + a * math.log(x) + b * math.log1p(-x)
+    )  # fmt: skip
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10_000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def student_t_upper_tail(t: float, degrees_of_freedom: float) -> float:
+    """P(T > t) for t >= 0: I_{df/(df+t^2)}(df/2, 1/2) / 2."""
+    df = degrees_of_freedom
+    return 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(probability: float, degrees_of_freedom: float) -> float:
+    """Student's t quantile t_{p, df} for p in [0.5, 1), exact to ~1e-12 for every df > 0.
+
+    Bisection on the exact tail (monotone in t), bracketed by doubling.
+    """
+    if degrees_of_freedom <= 0 or not 0.5 <= probability < 1.0:
+        return math.nan
+    tail = 1.0 - probability
+    low, high = 0.0, 1.0
+    while student_t_upper_tail(high, degrees_of_freedom) > tail:
+        low, high = high, 2.0 * high
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if student_t_upper_tail(middle, degrees_of_freedom) > tail:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-13 * high:
+            break
+    return 0.5 * (low + high)
+
 
 def t_quantile_975(degrees_of_freedom: int) -> float:
-    """t_{0.975} for the given degrees of freedom (normal 1.96 beyond the table)."""
+    """t_{0.975, df}, the half-width factor of a two-sided 95% interval (NaN below df 1)."""
     if degrees_of_freedom < 1:
         return math.nan
-    if degrees_of_freedom <= len(_T_975):
-        return _T_975[degrees_of_freedom - 1]
-    return 1.960 if degrees_of_freedom > 120 else 2.0 - (degrees_of_freedom - 30) * 0.04 / 90
+    return t_quantile(0.975, degrees_of_freedom)
 
 
 def summarise(
@@ -87,6 +155,19 @@ class RunRecord:
     def seed(self) -> int:
         return self.config["train.seed"]
 
+    def finished_at(self) -> tuple[float, tuple[str, int]]:
+        """When the run finished (its ``done`` marker), then its directory's stamp order."""
+        done = self.run_dir / rundir.DONE_FILE
+        return (done.stat().st_mtime if done.exists() else 0.0, rundir.run_order(self.run_dir))
+
+    def val_curve(self) -> list[tuple[int, float]]:
+        """(step, val accuracy) of the run's periodic validations, in step order."""
+        return sorted(
+            (record["step"], record["accuracy"])
+            for record in rundir.read_metrics(self.run_dir)
+            if record.get("kind") == "eval" and record.get("split") == "val"
+        )
+
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
     """Finished runs in (or below) the given folders; unfinished ones are left out."""
@@ -103,13 +184,28 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
     return records
 
 
-def _signature(record: RunRecord) -> str:
+def _signature(record: RunRecord, tuned: tuple[str, ...] = ()) -> str:
     shared = {
         key: value
         for key, value in record.config.items()
-        if key not in _RUN_KEYS and key not in VOLATILE_KEYS
+        if key not in _RUN_KEYS and key not in VOLATILE_KEYS and key not in tuned
     }
     return json.dumps([record.recipe, shared], sort_keys=True, default=str)
+
+
+def newest_per_seed(records: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """One record per (configuration, encoding, seed): the newest finished run.
+
+    Returns (kept, left out). A repeated run of a seed (``--force``) is the same replicate
+    measured again, not another seed: averaging both would shrink the interval falsely.
+    """
+    newest: dict[tuple[str, str, Any], RunRecord] = {}
+    for record in records:
+        key = (_signature(record), record.pe, record.seed)
+        if key not in newest or record.finished_at() > newest[key].finished_at():
+            newest[key] = record
+    kept = [record for record in records if record in newest.values()]
+    return kept, [record for record in records if record not in kept]
 
 
 @dataclass
@@ -123,11 +219,15 @@ class Group:
     settings: dict[str, Any] = field(default_factory=dict)  # what sets it apart from siblings
 
 
-def group_runs(records: list[RunRecord], names: dict[str, str] | None = None) -> list[Group]:
-    """Group runs by recipe and every option except encoding and seed."""
+def group_runs(
+    records: list[RunRecord],
+    names: dict[str, str] | None = None,
+    tuned: tuple[str, ...] = (),
+) -> list[Group]:
+    """Group runs by recipe and every option except encoding, seed and the ``tuned`` keys."""
     by_signature: dict[str, list[RunRecord]] = {}
     for record in records:
-        by_signature.setdefault(_signature(record), []).append(record)
+        by_signature.setdefault(_signature(record, tuned), []).append(record)
     groups: list[Group] = []
     for members in by_signature.values():
         first = members[0]
@@ -150,6 +250,7 @@ def group_runs(records: list[RunRecord], names: dict[str, str] | None = None) ->
             for key in keys
             if key not in _RUN_KEYS
             and key not in VOLATILE_KEYS
+            and key not in tuned
             and len({json.dumps(g.records[0].config.get(key), default=str) for g in siblings}) > 1
         ]
         for group in siblings:
@@ -197,7 +298,63 @@ def aggregate(group: Group, pe_order: list[str] | None = None) -> dict[str, Any]
         "settings": group.settings,
         "pes": pes,
         "splits": {name: splits[name] for name in ordered},
+        "convergence": convergence(group, pes),
     }
+
+
+def steps_to_reach(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first step whose val accuracy reaches ``threshold``; None if none did."""
+    return next((step for step, accuracy in curve if accuracy >= threshold), None)
+
+
+def convergence(group: Group, pes: list[str]) -> dict[str, Any]:
+    """Per encoding: steps each seed took to reach THRESHOLD_FRACTION of the group's best val."""
+    curves = {str(record.run_dir): record.val_curve() for record in group.records}
+    best = max((accuracy for curve in curves.values() for _, accuracy in curve), default=None)
+    if best is None:
+        return {}
+    threshold = THRESHOLD_FRACTION * best
+    by_pe: dict[str, Any] = {}
+    for pe in pes:
+        steps = [
+            steps_to_reach(curves[str(record.run_dir)], threshold)
+            for record in group.records
+            if record.pe == pe
+        ]
+        reached = [step for step in steps if step is not None]
+        by_pe[pe] = {
+            "steps": steps,
+            "reached": len(reached),
+            "n": len(steps),
+            "mean_steps": sum(reached) / len(reached) if reached else None,
+        }
+    return {
+        "fraction": THRESHOLD_FRACTION,
+        "threshold_accuracy": threshold,
+        "threshold": metric_value(threshold, group.metric),
+        "by_pe": by_pe,
+    }
+
+
+def convergence_heading(result: dict[str, Any]) -> str:
+    """Column title of the steps-to-threshold column, in the metric's terms."""
+    entry = result.get("convergence") or {}
+    if not entry:
+        return "steps to threshold"
+    relation = "≤" if result["metric"] == "error" else "≥"
+    digits = 1 if result["metric"] == "error" else 3
+    return f"steps to val {relation} {entry['threshold']:.{digits}f}"
+
+
+def convergence_cell(result: dict[str, Any], pe: str) -> str:
+    """``mean steps (reached/seeds)`` of one encoding, ``never (0/n)`` when no seed reached it."""
+    entry = (result.get("convergence") or {}).get("by_pe", {}).get(pe)
+    if not entry:
+        return "–"
+    reached = f"({entry['reached']}/{entry['n']})"
+    if entry["mean_steps"] is None:
+        return f"never {reached}"
+    return f"{entry['mean_steps']:.0f} {reached}"
 
 
 def _split_rank(name: str) -> tuple[int, str]:
@@ -269,10 +426,25 @@ def plot_group(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def provenance() -> dict[str, Any]:
+    """What made this report: the command line, the code's git commit and the machine."""
+    import os
+    import platform
+    import sys
+
+    return {
+        "command": " ".join(["cope", *sys.argv[1:]]),
+        "git_commit": rundir.git_commit(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+    }
+
+
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Write results.json, results.csv, one grouped PNG per group, and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json_atomic(out_dir / "results.json", {"groups": results})
+    made_by = provenance()
+    rundir.write_json_atomic(out_dir / "results.json", {"groups": results, "provenance": made_by})
     with (out_dir / "results.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
@@ -295,7 +467,7 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
         path = out_dir / f"plot{suffix}.png"
         plots.append(plot_group(result, path))
         result["plot"] = path.name
-    (out_dir / "report.md").write_text(markdown_report(results))
+    (out_dir / "report.md").write_text(markdown_report(results, made_by))
     return {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",
@@ -304,27 +476,45 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     }
 
 
-def markdown_report(results: list[dict[str, Any]]) -> str:
+def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | None = None) -> str:
     """One markdown table per group: rows = encodings, columns = splits (OOD marked)."""
     lines = ["# cope results", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    if made_by:
+        lines += [
+            f"Command: `{made_by['command']}`; commit {made_by['git_commit']}; "
+            f"machine: {made_by['machine']}.",
+            "",
+        ]
     lines.append(
-        "Cells: mean ± sample std over seeds [95% t-interval, clipped to the metric's range]. "
-        "OOD = out-of-distribution split."
+        "Cells: mean ± sample std over seeds [95% t-interval (exact Student t quantile), "
+        "clipped to the metric's range]. OOD = out-of-distribution split. Seeds: one run per "
+        "(configuration, encoding, seed), the newest finished one; older repeats of a seed are "
+        f"left out, not counted as seeds. Steps to threshold: mean steps to first reach "
+        f"{THRESHOLD_FRACTION:g} x the group's best val accuracy (seeds that reached it / seeds)."
     )
     for result in results:
         splits = result["splits"]
         lines += ["", f"## {result['title']}", "", f"Metric: {result['metric_label']}.", ""]
         lines.append(
-            "| pe | seeds | " + " | ".join(split_heading(s, e) for s, e in splits.items()) + " |"
+            "| pe | seeds | "
+            + " | ".join(split_heading(s, e) for s, e in splits.items())
+            + f" | {convergence_heading(result)} |"
         )
-        lines.append("|---|---|" + "---|" * len(splits))
+        lines.append("|---|---|" + "---|" * (len(splits) + 1))
         for pe in result["pes"]:
             cells, seeds = [], 0
             for entry in splits.values():
                 summary = entry["by_pe"].get(pe)
                 cells.append(format_cell(summary, result["metric"]) if summary else "–")
                 seeds = max(seeds, summary["n"] if summary else 0)
+            cells.append(convergence_cell(result, pe))
             lines.append(f"| {pe} | {seeds} | " + " | ".join(cells) + " |")
+        lines += tuning_lines(result)
+        if result.get("left_out"):
+            lines += [
+                "",
+                f"Left out as older repeats of a seed: {', '.join(result['left_out'])}.",
+            ]
         descriptions = [f"{s}: {e['description']}" for s, e in splits.items() if e["description"]]
         if descriptions:
             lines += ["", "Splits: " + "; ".join(descriptions) + "."]
@@ -333,17 +523,66 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_lines(result: dict[str, Any]) -> list[str]:
+    """Markdown lines stating what ``--tune`` chose per encoding and every candidate's val."""
+    tuning = result.get("tuning")
+    if not tuning:
+        return []
+    lines = [
+        "",
+        f"Tuned per encoding on val only ({', '.join(tuning['keys'])}; best mean val accuracy "
+        "over seeds, test splits never consulted):",
+        "",
+    ]
+    for pe in result["pes"]:
+        entry = tuning["by_pe"].get(pe)
+        if not entry:
+            continue
+        candidates = ", ".join(
+            f"{candidate['label']}: {metric_value(candidate['val'], result['metric']):.3g}"
+            for candidate in entry["candidates"]
+        )
+        label = result["metric_label"]
+        lines.append(f"- {pe}: chose {entry['chosen']} (val {label}: {candidates})")
+    return lines
+
+
 def build_report(
     paths: list[Path],
     out_dir: Path,
     pe_order: list[str] | None = None,
     names: dict[str, str] | None = None,
+    tuning: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Collect finished runs below ``paths``, aggregate them and write every file."""
+    """Collect finished runs below ``paths``, aggregate them and write every file.
+
+    ``tuning`` (from a tuned comparison): ``{"keys": [...], "groups": [{"recipe", "variant",
+    "pe", "chosen", "candidates"}]}`` (see ``compare.select_by_val``); the tuned keys then do
+    not split groups, and each group states what was chosen for its encodings.
+    """
     records = collect_runs(paths)
     if not records:
         raise UserError(f"no finished runs under {', '.join(map(str, paths))}")
-    results = [aggregate(group, pe_order) for group in group_runs(records, names)]
+    records, left_out = newest_per_seed(records)
+    tuned = tuple(tuning["keys"]) if tuning else ()
+    results = []
+    for group in group_runs(records, names, tuned):
+        result = aggregate(group, pe_order)
+        signatures = {_signature(record, tuned) for record in group.records}
+        result["left_out"] = [
+            str(record.run_dir) for record in left_out if _signature(record, tuned) in signatures
+        ]
+        if tuning:
+            variants = {(names or {}).get(str(record.run_dir), "") for record in group.records}
+            result["tuning"] = {
+                "keys": tuning["keys"],
+                "by_pe": {
+                    selection["pe"]: selection
+                    for selection in tuning["groups"]
+                    if selection["recipe"] == group.recipe and selection["variant"] in variants
+                },
+            }
+        results.append(result)
     return results, write_results(results, out_dir)
 
 

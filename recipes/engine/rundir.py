@@ -58,7 +58,8 @@ def create_run_dir(out: Path, recipe: str, pe: str, seed: int) -> Path:
     raise RuntimeError(f"could not create a run directory under {parent}")
 
 
-def _run_order(path: Path) -> tuple[str, int]:
+def run_order(path: Path) -> tuple[str, int]:
+    """Sort key of run directories: their creation stamp, then the same-second counter."""
     match = _RUN_NAME.match(path.name)
     if not match:
         return ("", 0)
@@ -86,7 +87,7 @@ def find_runs(
     runs = [path for path in out.glob(pattern) if is_run_dir(path)]
     if seed is not None:
         runs = [path for path in runs if _RUN_NAME.match(path.name)["seed"] == str(seed)]
-    return sorted(runs, key=_run_order)
+    return sorted(runs, key=run_order)
 
 
 def find_runs_below(root: Path) -> list[Path]:
@@ -96,7 +97,7 @@ def find_runs_below(root: Path) -> list[Path]:
         return [root]
     return sorted(
         (path.parent for path in root.rglob(CONFIG_FILE) if is_run_dir(path.parent)),
-        key=_run_order,
+        key=run_order,
     )
 
 
@@ -136,9 +137,13 @@ def read_json(path: Path) -> Any:
 # every recipe). A saved config without the key gets this value, so older finished runs are
 # still found identical (reused) and group with new ones in reports.
 ADDED_KEYS: dict[str, Config] = {
-    "*": {"model.cope_gate": "qk"},
+    "*": {"model.cope_gate": "qk", "model.cope_scale_logits": False, "model.attn_dropout": 0.0},
     "audio-events": {"data.deltas": False},
     "moving-shapes": {"data.frame_diff": False},
+    # Text evaluation splits were drawn without removing training items before data.dedup.
+    "counting": {"data.dedup": False},
+    "selective-copy": {"data.dedup": False},
+    "flip-flop": {"data.dedup": False},
 }
 
 
@@ -148,6 +153,10 @@ def read_config(run_dir: Path) -> tuple[str, Config]:
     if not isinstance(data, dict) or "recipe" not in data or "config" not in data:
         raise UserError(f"{run_dir / CONFIG_FILE} is not a cope run config")
     recipe, config = data["recipe"], data["config"]
+    if config.get("model.pe") == "rel" and "model.attn_dropout" not in config:
+        # Saved before the paper's `rel` existed (model.attn_dropout came with it): `rel` then
+        # named T5's bucketed biases, now `t5`; the weights load under that name.
+        config = {**config, "model.pe": "t5"}
     for added in (ADDED_KEYS["*"], ADDED_KEYS.get(recipe, {})):
         config = {**added, **config}
     return recipe, config
@@ -175,7 +184,8 @@ def read_data_dir(run_dir: Path) -> Path | None:
     return Path(value) if value else None
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, or None outside git."""
     root = Path(__file__).resolve().parents[2]
     try:
         result = subprocess.run(
@@ -204,7 +214,7 @@ def environment(device: str, world_size: int = 1) -> dict[str, Any]:
         "world_size": world_size,
         "platform": platform.platform(),
         "hostname": platform.node(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -223,7 +233,7 @@ def note_resumption(run_dir: Path, step: int, device: str) -> None:
             "device": device,
             "command": sys.argv,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
     )
     write_json_atomic(path, env)

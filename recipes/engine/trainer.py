@@ -231,6 +231,12 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
     return _Plan(None)
 
 
+def describe_overlap(overlap: dict[str, int]) -> str:
+    """One line: how many items of each evaluation split also occur in training."""
+    counts = ", ".join(f"{split} {count}" for split, count in overlap.items())
+    return f"evaluation items also in training: {counts}"
+
+
 def build_data_checked(recipe: Recipe, config: Config, options: TrainOptions) -> DataBundle:
     """The recipe's data, checked for the splits the engine needs."""
     bundle = recipe.build_data(config, options.data_dir, options.download)
@@ -388,6 +394,9 @@ class Trainer:
             self.observer.message(
                 f"skipped {self.bundle.skipped} unreadable items while building the data"
             )
+        overlap = self.bundle.info.get("train_overlap")  # generated recipes: eval items in training
+        if overlap is not None and self.is_main:
+            self.observer.message(describe_overlap(overlap))
         seed_everything(settings.seed)
         self.model = self.recipe.build_model(self.config, self.bundle.info)
         if context.rank > 0:  # same initial weights, but each rank its own dropout/augmentation
@@ -454,6 +463,7 @@ class Trainer:
                 "train_size": len(self.bundle.train),  # type: ignore[arg-type]
                 "splits": {name: len(split.dataset) for name, split in self.bundle.splits.items()},
                 "skipped": self.bundle.skipped,
+                "train_overlap": self.bundle.info.get("train_overlap"),
                 "total_steps": self.total_steps,
             }
         )

@@ -28,6 +28,7 @@ from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    load_for_resume,
     load_model_state,
     preserved_rng,
     restore_rng_state,
@@ -194,9 +195,7 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
     matching = [run for run in runs if _same_config(run, recipe_name, config)]
     finished = [run for run in matching if rundir.is_finished(run)]
     resumable = [
-        run
-        for run in matching
-        if not rundir.is_finished(run) and (run / rundir.CHECKPOINT_FILE).is_file()
+        run for run in matching if not rundir.is_finished(run) and rundir.has_checkpoint(run)
     ]
     if options.resume and matching:
         newest = matching[-1]
@@ -318,8 +317,11 @@ def train(
 
     if plan.run_dir is not None:
         run_dir = plan.run_dir
-        state = load_checkpoint(run_dir / rundir.CHECKPOINT_FILE, recipe_name)
-        load_model_state(model, state, run_dir / rundir.CHECKPOINT_FILE)
+        announce = observer.message if context.is_main else None
+        state, resumed_from = load_for_resume(
+            run_dir / rundir.CHECKPOINT_FILE, recipe_name, announce
+        )
+        load_model_state(model, state, resumed_from)
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -332,8 +334,7 @@ def train(
                 restore_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise UserError(
-                f"checkpoint {run_dir / rundir.CHECKPOINT_FILE} cannot be resumed "
-                f"({type(error).__name__}: {error})"
+                f"checkpoint {resumed_from} cannot be resumed ({type(error).__name__}: {error})"
             ) from None
         if context.is_main:
             rundir.note_resumption(run_dir, progress["step"], str(device))
@@ -378,7 +379,7 @@ def train(
             }
             if context.enabled:
                 state["rng_per_rank"] = rng_states
-            save_checkpoint(run_dir / rundir.CHECKPOINT_FILE, state)
+            save_checkpoint(run_dir / rundir.CHECKPOINT_FILE, state, keep_previous=True)
 
     if plan.run_dir is None:
         checkpoint()  # step 0: there is always a last good checkpoint
@@ -487,7 +488,7 @@ def train(
             model, bundle, recipe, config, run_dir, progress, device, observer
         )
         metrics.log({"kind": "final", "step": progress["step"], "splits": evaluation["splits"]})
-        (run_dir / rundir.DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        rundir.mark_done(run_dir)
     barrier(context)
     return RunResult(run_dir, "finished", progress["step"], evaluation, context.is_main)
 

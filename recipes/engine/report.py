@@ -8,6 +8,7 @@ and ``report.md`` (markdown tables). `cope compare`, `cope sweep` and `cope repo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from recipes.base import Config, UserError
 from recipes.engine import rundir
 from recipes.engine.config import VOLATILE_KEYS
 from recipes.engine.evaluate import metric_label, metric_value
+from recipes.files import write_atomic, write_text_atomic
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (t_{0.975, df}).
 _T_975 = [
@@ -256,7 +258,7 @@ def plot_split(result: dict[str, Any], split: str, path: Path) -> Path:
         axes.set_ylim(0, 1.05)
     axes.set_title(f"{result['title']}: {split_heading(split, entry)}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_atomic(path, lambda stream: figure.savefig(stream, dpi=110, format="png"))
     plt.close(figure)
     return path
 
@@ -265,22 +267,23 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     """Write results.json, results.csv, one PNG per group and split, and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_json_atomic(out_dir / "results.json", {"groups": results})
-    with (out_dir / "results.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["group", "recipe", "split", "ood", "pe", "metric", "n", "mean", "std",
-             "ci95_low", "ci95_high", "seeds", "values"]
-        )  # fmt: skip
-        for result in results:
-            for split, entry in result["splits"].items():
-                for pe, summary in entry["by_pe"].items():
-                    writer.writerow(
-                        [result["title"], result["recipe"], split, entry["ood"], pe,
-                         result["metric_label"], summary["n"], summary["mean"], summary["std"],
-                         summary["ci_low"], summary["ci_high"],
-                         " ".join(map(str, summary["seeds"])),
-                         " ".join(f"{value:.6g}" for value in summary["values"])]
-                    )  # fmt: skip
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(
+        ["group", "recipe", "split", "ood", "pe", "metric", "n", "mean", "std",
+         "ci95_low", "ci95_high", "seeds", "values"]
+    )  # fmt: skip
+    for result in results:
+        for split, entry in result["splits"].items():
+            for pe, summary in entry["by_pe"].items():
+                writer.writerow(
+                    [result["title"], result["recipe"], split, entry["ood"], pe,
+                     result["metric_label"], summary["n"], summary["mean"], summary["std"],
+                     summary["ci_low"], summary["ci_high"],
+                     " ".join(map(str, summary["seeds"])),
+                     " ".join(f"{value:.6g}" for value in summary["values"])]
+                )  # fmt: skip
+    write_text_atomic(out_dir / "results.csv", table.getvalue())
     plots: list[Path] = []
     for result in results:
         prefix = _file_safe(result["title"]) + "_" if len(results) > 1 else ""
@@ -288,7 +291,7 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
             path = out_dir / f"plot_{prefix}{_file_safe(split)}.png"
             plots.append(plot_split(result, split, path))
             result["splits"][split]["plot"] = path.name
-    (out_dir / "report.md").write_text(markdown_report(results))
+    write_text_atomic(out_dir / "report.md", markdown_report(results))
     return {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",

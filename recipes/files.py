@@ -185,6 +185,31 @@ def write_atomic(
     _sync_folder(path.parent)
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by writers that were killed; return them.
+
+    A temporary file names its writer's process id; one whose process is still alive is kept.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp-*"):
+        pid = path.name.rpartition(".tmp-")[2]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """:func:`write_atomic` for UTF-8 text."""
     write_atomic(path, lambda stream: stream.write(text.encode()))

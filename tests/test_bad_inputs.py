@@ -584,6 +584,21 @@ def test_damaged_checkpoint_with_no_verified_one_left_stops_and_changes_nothing(
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
+def test_resume_removes_temporary_files_a_killed_run_left(
+    stopped_at_12: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(stopped_at_12, tmp_path / "runs"))
+    (run,) = rundir.find_runs(out)
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # its process id no longer runs
+    torn = run / f".checkpoint.pt.tmp-{killed.pid}"
+    torn.write_bytes(b"half a checkpoint")
+    result = cope("train", *STEPPED, "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert stray_temporary_files(out) == []
+    assert_same_run(run, uninterrupted)
+
+
 def test_damaged_feature_cache_is_rebuilt_not_trusted(tmp_path: Path) -> None:
     data = bad_inputs.audio_class_folder(tmp_path / "data")
     arguments = ["train", "audio-folder", "--pe", "rope", "--steps", "2", "--data-dir", data]

@@ -113,5 +113,22 @@ def test_a_vanished_folder_is_named_in_the_error(tmp_path: Path) -> None:
         files.write_text_atomic(tmp_path / "gone" / "x.json", "{}")
 
 
+def test_temporary_files_of_killed_writers_are_removed_and_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)  # fmt: skip
+    dead = tmp_path / f".checkpoint.pt.tmp-{finished.stdout.strip()}"
+    alive = tmp_path / f".best.pt.tmp-{os.getpid()}"
+    for path in (dead, alive, tmp_path / "checkpoint.pt"):
+        path.write_bytes(b"x")
+    assert files.remove_stale_temporaries(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "checkpoint.pt"])
+
+
 def test_human_sizes() -> None:
     assert [files.human_size(n) for n in (5, 1536, 3 * 2**30)] == ["5 bytes", "1.5 KiB", "3.0 GiB"]

@@ -52,6 +52,7 @@ from recipes.engine.evaluate import (
     move_batch,
 )
 from recipes.engine.sampler import ResumableBatchSampler
+from recipes.files import remove_stale_temporaries
 
 
 class TrainingDiverged(UserError):
@@ -337,6 +338,7 @@ def train(
                 f"checkpoint {resumed_from} cannot be resumed ({type(error).__name__}: {error})"
             ) from None
         if context.is_main:
+            remove_stale_temporaries(run_dir)  # left by a run killed while writing
             rundir.note_resumption(run_dir, progress["step"], str(device))
     else:
         run_dir = None

@@ -769,3 +769,32 @@ def test_run_folder_deleted_mid_run_is_one_error_line(
     result = cope("train", *STEPPED, "--out", out)
     assert_user_error(result, "no longer exists")
     assert not out.exists()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~15 s on the shared CPUs
+def test_a_real_process_on_a_full_disk_prints_one_line_and_resumes_bit_exactly(
+    small_disk: Path, uninterrupted: Path
+) -> None:
+    """The installed entry point on a 48 KiB tmpfs: the step-0 checkpoint fits, later ones not."""
+    import sys
+
+    from test_cli import LAUNCHER
+
+    remount(small_disk, "size=48k")
+    script = small_disk.parent / "launch.py"
+    script.write_text(LAUNCHER)
+    out = small_disk / "runs"
+    command = [sys.executable, str(script), str(Path(__file__).parent), "train", *STEPPED,
+               "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write "), result.stderr
+    assert "(no space left on device, " in lines[0]
+    assert stray_temporary_files(small_disk) == []
+    remount(small_disk, "size=1m")  # space freed
+    resumed = cope("train", *STEPPED, "--resume", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    (run,) = rundir.find_runs(out)
+    assert_same_run(run, uninterrupted)

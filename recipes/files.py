@@ -80,10 +80,11 @@ def storage_error(path: Path, error: OSError) -> StorageError:
         reason = f"its folder {path.parent} no longer exists"
     else:
         reason = _REASONS.get(error.errno or 0, error.strerror or str(error))
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = free_space(path.parent)
-        if free is not None:
-            reason += f", {human_size(free)} free there"
+    free = free_space(path.parent) if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    if free is not None and error.errno == errno.ENOSPC:
+        reason += f", {human_size(free)} free there"
+    elif free is not None:  # a quota is per user: the disk may have room to spare
+        reason += f"; the file system itself has {human_size(free)} free"
     return StorageError(
         f"cannot write {path} ({reason}); what was written before is intact: fix that and run "
         "the same command again (with --resume, a training run continues from its last "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,24 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
     assert f"cannot write {path} (no space left on device, " in message
     assert "free there" in message and "--resume" in message
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.EDQUOT, "(disk quota exceeded; the file system itself has "),
+        (errno.EROFS, "(the file system is read-only)"),
+        (errno.EIO, "(input/output error)"),
+    ],
+    ids=["quota", "read-only", "i/o error"],
+)
+def test_each_storage_fault_is_named_in_the_error(code: int, said: str, tmp_path: Path) -> None:
+    def fail(stream) -> None:
+        raise OSError(code, "")
+
+    with pytest.raises(StorageError, match=re.escape(f"cannot write {tmp_path / 'x.pt'} {said}")):
+        files.write_atomic(tmp_path / "x.pt", fail)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torch_saves_own_error_for_a_full_disk_is_reported_as_the_full_disk(

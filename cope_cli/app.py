@@ -52,6 +52,14 @@ def user_errors(command: Command) -> Command:
             raise fail(str(error)) from None
         except FileNotFoundError as error:
             raise fail(f"file not found: {error.filename or error}") from None
+        except OSError as error:  # a writer without its own message: disk full, read-only
+            from recipes.files import is_storage_error, storage_error
+
+            if not is_storage_error(error):
+                raise
+            if error.filename is None:
+                raise fail(f"a write failed ({error.strerror or error})") from None
+            raise fail(str(storage_error(Path(error.filename), error))) from None
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (data building, eval)
             error_console.print("[yellow]interrupted[/]", highlight=False)
             raise typer.Exit(INTERRUPTED_EXIT) from None

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torchaudio
 from torch.utils.data import Dataset
 
 from recipes.base import Config, UserError
+from recipes.files import DamagedFile, load_verified, note, save_verified
 from recipes.folders import list_class_files
 from recipes.folders import read_list as read_list  # one parser for every list file
 
@@ -262,28 +262,15 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and a rename, so a killed run leaves no torn cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 _MEMORY_CACHE: dict[str, Any] = {}
 
 
 def cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Load ``path`` (kept in memory for the process) or build it once and save it atomically.
 
-    Runs of a compare share the process, so the in-memory copy spares them re-reading the file.
+    The file carries a digest of its contents: a damaged cache (or one from before digests)
+    is rebuilt, never trusted. Runs of a compare share the process, so the in-memory copy
+    spares them re-reading the file.
     """
     key = str(path)
     if key in _MEMORY_CACHE:
@@ -291,12 +278,13 @@ def cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     data = None
     if path.exists():
         try:
-            data = torch.load(path, weights_only=True)
-        except Exception:  # a cache from another torch version or a torn file: rebuild it
-            data = None
+            data = load_verified(path)
+        except DamagedFile as error:
+            note(f"{error}; rebuilding it")
     if data is None:
         data = build()
-        atomic_save(data, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_verified(path, data)
     _MEMORY_CACHE[key] = data
     return data
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 from encoders.frontends import FrontendOutput, VideoFrontend
 from encoders.transformer import SequenceClassifier
 from recipes.base import Config, UserError, encoder_config
+from recipes.files import DamagedFile, load_verified, note, save_verified, write_text_atomic
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 CACHE_VERSION = 1  # bump when the cached representation changes
@@ -188,19 +187,6 @@ def _file_key(path: Path, root: Path) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-def _save_atomically(value: Any, target: Path) -> None:
-    """torch.save to a temporary file, then rename, so a killed run leaves no half file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(value, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def decode_all(
     paths: Sequence[Path],
     root: Path,
@@ -215,7 +201,8 @@ def decode_all(
     :func:`load_clip` when an item is used, so a large folder does not sit in memory);
     without one, as the tensor itself. Cache layout: ``<cache_dir>/video-<settings key>/``
     holding ``<file key>.pt`` for a clip, or ``<file key>.err`` (the reason) for a file that
-    failed, so failures are not retried until the file changes.
+    failed, so failures are not retried until the file changes. A cached clip carries a digest
+    of its contents, checked here and whenever it is read: a damaged one is decoded again.
     """
     from rich.progress import (
         BarColumn,
@@ -257,24 +244,29 @@ def _decode_cached(
     key = _file_key(path, root)
     stored, failed = folder / f"{key}.pt", folder / f"{key}.err"
     if stored.exists():
-        return stored, None
+        try:
+            load_clip(stored)
+            return stored, None
+        except DamagedFile as error:
+            note(f"{error}; decoding {path} again")
     if failed.exists():
         return None, failed.read_text()
     try:
         clip = decode_video(path, settings)
     except (ValueError, OSError) as error:
         folder.mkdir(parents=True, exist_ok=True)
-        failed.write_text(str(error))
+        write_text_atomic(failed, str(error))
         return None, str(error)
-    _save_atomically(clip, stored)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_verified(stored, {"clip": clip})
     return stored, None
 
 
 def load_clip(clip: Tensor | Path) -> Tensor:
-    """A clip held in memory, or read from its cache file."""
+    """A clip held in memory, or read from its cache file (its digest checked)."""
     if isinstance(clip, Tensor):
         return clip
-    return torch.load(clip, weights_only=True)
+    return load_verified(clip)["clip"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from recipes.base import (
     pad_collate,
     register_recipe,
 )
+from recipes.files import is_storage_error, storage_error
 from recipes.settings import defaults_of, settings_of
 
 ARCHIVE_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
@@ -153,14 +154,21 @@ def download_file(
             )
 
             columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-            with (
-                Progress(*columns, console=Console(stderr=True), transient=True) as bar,
-                part.open("ab" if have else "wb") as stream,
-            ):
-                task = bar.add_task(f"downloading {destination.name}", total=total, completed=have)
-                while block := response.read(CHUNK):
-                    stream.write(block)
-                    bar.advance(task, len(block))
+            try:
+                with (
+                    Progress(*columns, console=Console(stderr=True), transient=True) as bar,
+                    part.open("ab" if have else "wb") as stream,
+                ):
+                    task = bar.add_task(
+                        f"downloading {destination.name}", total=total, completed=have
+                    )
+                    while block := response.read(CHUNK):
+                        stream.write(block)
+                        bar.advance(task, len(block))
+            except OSError as error:  # the part already written is kept: a rerun resumes it
+                if is_storage_error(error):
+                    raise storage_error(part, error) from None
+                raise
     got = part.stat().st_size
     if size is not None and got != size:
         raise UserError(
@@ -190,6 +198,8 @@ def extract_archive(archive: Path, target: Path) -> Path:
             tar.extractall(temp, filter="data")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         shutil.rmtree(temp, ignore_errors=True)
+        if is_storage_error(error) and not isinstance(error, FileNotFoundError):
+            raise storage_error(Path(getattr(error, "filename", None) or target), error) from None
         raise UserError(f"{archive} is damaged ({error}); delete it and download again") from None
     # an archive with a single top folder of the expected name unpacks one level deeper
     inner = temp / target.name

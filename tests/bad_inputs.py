@@ -232,3 +232,62 @@ def video_class_folder(root: Path, per_class: int = 3) -> Path:
             frames = coloured_frames(8, colour, size=16)
             write_video(root / label / f"clip{index}.mp4", frames, codec="mpeg4")
     return root
+
+
+# --- damaged files cope wrote itself (checkpoints, caches) ----------------------------------------
+def truncate_file(path: Path) -> Path:
+    """Keep the first half of a file (a copy cut short, a write that hit a full quota)."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def zero_block(path: Path, size: int = 64) -> Path:
+    """Zero ``size`` bytes in the middle of the largest tensor record (a bad disk block)."""
+    start, length = largest_record(path)
+    offset = start + max(0, length // 2 - size // 2)
+    data = bytearray(path.read_bytes())
+    data[offset : offset + min(size, length)] = bytes(min(size, length))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def flip_bit(path: Path) -> Path:
+    """Flip one bit in the middle of the largest tensor record of a ``torch.save`` file."""
+    start, length = largest_record(path)
+    data = bytearray(path.read_bytes())
+    data[start + length // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
+def wrong_digest(path: Path) -> Path:
+    """Re-save a verified file with a digest that does not match its contents."""
+    import torch
+
+    value = torch.load(path, weights_only=True)
+    value["sha256"] = "0" * 64
+    torch.save(value, path)
+    return path
+
+
+def largest_record(path: Path) -> tuple[int, int]:
+    """(offset, length) of the bytes of the largest tensor record in a ``torch.save`` zip."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        records = [info for info in archive.infolist() if "/data/" in info.filename]
+        info = max(records, key=lambda info: info.file_size)
+    with path.open("rb") as stream:  # the local header: 30 bytes, then name and extra field
+        stream.seek(info.header_offset)
+        header = stream.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+DAMAGED_FILES: dict[str, Callable[[Path], Path]] = {
+    "truncated": truncate_file,
+    "bit flip in a tensor record": flip_bit,
+    "64 zero bytes in a tensor record": zero_block,
+    "wrong digest": wrong_digest,
+}

@@ -5,14 +5,21 @@ no traceback, and no run directory left behind. Every bad item inside a dataset 
 counted, and training goes on. Unusual but valid audio (8/24-bit, float, a minute long) is read.
 
 We run as root, so permissions cannot make a folder unwritable: an output folder that cannot
-be written is simulated by ``--out`` pointing at a regular file, or at a path below one.
+be written is simulated by ``--out`` pointing at a regular file, or at a path below one, and a
+folder that turns read-only (or a disk that fills up) mid-run is a small tmpfs we mount,
+remount read-only or fill (skipped where mounting is not allowed; an injected ENOSPC runs
+everywhere). Files cope wrote itself and trusts (checkpoints, caches) are damaged on purpose:
+cut short, a bit flipped, 64 bytes zeroed, a wrong digest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +141,10 @@ def truncate(name: str, keep: int) -> Callable[[Path], None]:
         path.write_bytes(path.read_bytes()[:keep])
 
     return damage
+
+
+def damage_file(name: str, damage: Callable[[Path], Path]) -> Callable[[Path], None]:
+    return lambda run: damage(run / name) and None
 
 
 def out_is_a_file(tmp: Path, runs: dict[str, Path]) -> list[str]:
@@ -326,6 +337,14 @@ FATAL = [
         damaged_run("tiny-majority-tf/abs", truncate("best.pt", 0)),
         "damaged or unreadable",
     ),
+    *(
+        Fatal(
+            f"best.pt: {name}",
+            damaged_run("tiny-majority-tf/abs", damage_file(rundir.BEST_FILE, damage)),
+            "best.pt is damaged or unreadable",
+        )
+        for name, damage in bad_inputs.DAMAGED_FILES.items()
+    ),
     Fatal(
         "damaged run config",
         damaged_run("tiny-majority-tf/abs", truncate("config.json", 9)),
@@ -491,3 +510,291 @@ def test_a_real_process_prints_only_the_error_line_on_stderr(tmp_path: Path) -> 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: cannot create run directories under")
+
+
+# --- files cope wrote and trusts: damaged checkpoints and caches ---------------------------------
+STEPPED = ["tiny-majority", "--pe", "abs", "--set", "train.checkpoint_every=5"]  # 30 steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The finished run every interrupted, damaged or faulted run must equal bit for bit."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = cope("train", *STEPPED, "--out", out)
+    assert result.exit_code == 0, result.output
+    (run,) = rundir.find_runs(out)
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped_at_12(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``--out`` of a run stopped at step 12: checkpoint.pt (step 12), checkpoint.prev.pt (10)."""
+    out = tmp_path_factory.mktemp("stopped")
+    result = cope("train", *STEPPED, "--stop-after", "12", "--out", out)
+    assert result.exit_code == 0 and "stopped at step 12" in result.output, result.output
+    return out
+
+
+def assert_same_run(run: Path, expected: Path) -> None:
+    """Finished, with bit-identical final and best weights and the same final evaluation."""
+    from recipes.engine.checkpoint import load_checkpoint
+
+    assert rundir.is_finished(run)
+    for name in (rundir.CHECKPOINT_FILE, rundir.BEST_FILE):
+        got, want = load_checkpoint(run / name)["model"], load_checkpoint(expected / name)["model"]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), name
+    read = rundir.read_json
+    assert read(run / rundir.EVAL_FILE)["splits"] == read(expected / rundir.EVAL_FILE)["splits"]
+
+
+def stray_temporary_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if ".tmp" in path.name or ".partial" in path.name]
+
+
+@pytest.mark.parametrize("damage", list(bad_inputs.DAMAGED_FILES))
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one_bit_exactly(
+    damage: str, stopped_at_12: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(stopped_at_12, tmp_path / "runs"))
+    (run,) = rundir.find_runs(out)
+    bad_inputs.DAMAGED_FILES[damage](run / rundir.CHECKPOINT_FILE)
+    result = cope("train", *STEPPED, "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"{run / rundir.CHECKPOINT_FILE} is damaged or unreadable" in said
+    assert "resuming from the previous checkpoint checkpoint.prev.pt (step 10)" in said
+    assert "Traceback" not in result.output
+    assert (run / "checkpoint.pt.damaged").is_file()
+    assert_same_run(run, uninterrupted)
+
+
+@pytest.mark.parametrize("damage", list(bad_inputs.DAMAGED_FILES))
+def test_damaged_checkpoint_with_no_verified_one_left_stops_and_changes_nothing(
+    damage: str, stopped_at_12: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(stopped_at_12, tmp_path / "runs"))
+    (run,) = rundir.find_runs(out)
+    bad_inputs.DAMAGED_FILES[damage](run / rundir.CHECKPOINT_FILE)
+    bad_inputs.flip_bit(run / rundir.PREVIOUS_CHECKPOINT_FILE)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = cope("train", *STEPPED, "--resume", "--out", out)
+    assert_user_error(result, "is damaged or unreadable")
+    assert "nothing was changed" in result.output
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_resume_removes_temporary_files_a_killed_run_left(
+    stopped_at_12: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(stopped_at_12, tmp_path / "runs"))
+    (run,) = rundir.find_runs(out)
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # its process id no longer runs
+    torn = run / f".checkpoint.pt.tmp-{killed.pid}"
+    torn.write_bytes(b"half a checkpoint")
+    result = cope("train", *STEPPED, "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert stray_temporary_files(out) == []
+    assert_same_run(run, uninterrupted)
+
+
+def test_damaged_feature_cache_is_rebuilt_not_trusted(tmp_path: Path) -> None:
+    data = bad_inputs.audio_class_folder(tmp_path / "data")
+    arguments = ["train", "audio-folder", "--pe", "rope", "--steps", "2", "--data-dir", data]
+    first = cope(*arguments, *TINY_AUDIO, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    (cache,) = (data / ".cache").glob("features-*.pt")
+    bad_inputs.flip_bit(cache)
+    from recipes import _audio
+
+    _audio._MEMORY_CACHE.clear()  # a new process would not have it in memory
+    second = cope(*arguments, *TINY_AUDIO, "--out", tmp_path / "second")
+    assert second.exit_code == 0, second.output
+    said = " ".join(second.output.split())
+    assert f"note: {cache} is damaged or unreadable" in said and "rebuilding it" in said
+    (one,), (two,) = rundir.find_runs(tmp_path / "first"), rundir.find_runs(tmp_path / "second")
+    assert_same_run(two, one)
+    assert stray_temporary_files(data) == []
+
+
+def test_damaged_clip_in_the_video_cache_is_decoded_again(tmp_path: Path) -> None:
+    data = bad_inputs.video_class_folder(tmp_path / "data")
+    arguments = ["train", "video-folder", "--pe", "rope", "--steps", "1", "--data-dir", data]
+    first = cope(*arguments, *TINY_VIDEO, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    clip = sorted((data / ".cope-cache").rglob("*.pt"))[0]
+    bad_inputs.flip_bit(clip)
+    second = cope(*arguments, *TINY_VIDEO, "--out", tmp_path / "second")
+    assert second.exit_code == 0, second.output
+    said = " ".join(second.output.split())
+    assert f"note: {clip} is damaged or unreadable" in said and "decoding" in said
+    (one,), (two,) = rundir.find_runs(tmp_path / "first"), rundir.find_runs(tmp_path / "second")
+    assert_same_run(two, one)
+
+
+# --- storage faults in the middle of a run: full disk, read-only, folder deleted ----------------
+# A fault is set off from the progress observer after step 7; the next write (metrics at step
+# 10, best.pt, checkpoint.pt) meets it. Real faults need a file system of our own: a small tmpfs,
+# which needs root and a kernel that lets us mount (skipped with the reason where it does not).
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at tmp_path/disk: a real file system that fills up or turns ro."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fault_after_step(monkeypatch: pytest.MonkeyPatch, step: int, fault: Callable[[], None]):
+    """Set off ``fault`` once, right after training step ``step`` of the next `cope train`."""
+    from cope_cli import render
+    from cope_cli.render import RichObserver
+
+    class Faulting(RichObserver):
+        def train_step(self, at: int, loss: float | None, lr: float) -> None:
+            super().train_step(at, loss, lr)
+            if at == step:
+                fault()
+
+    monkeypatch.setattr(render, "RichObserver", Faulting)  # the commands import it when run
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` with a ballast file until only ``leave`` bytes are free."""
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    with ballast.open("wb") as stream:
+        stream.write(bytes(max(0, free - leave)))
+    return ballast
+
+
+def remount(disk: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+
+def arm_injected_full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Fault injection where no tmpfs can be mounted: every later write fails with ENOSPC."""
+    from recipes import files
+
+    def arm() -> None:
+        def full(self, data: bytes) -> int:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
+
+        monkeypatch.setattr(files._KeepingWriteErrors, "write", full)
+
+    return arm
+
+
+def test_full_disk_mid_run_is_one_error_line_and_resume_is_bit_exact_injected(
+    uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "runs"
+    fault_after_step(monkeypatch, 7, arm_injected_full_disk(monkeypatch))
+    result = cope("train", *STEPPED, "--out", out)
+    assert_user_error(result, "best.pt (no space left on device, ")
+    assert "free there" in result.output
+    monkeypatch.undo()
+    (run,) = rundir.find_runs(out)
+    assert stray_temporary_files(out) == []
+    resumed = cope("train", *STEPPED, "--resume", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_run(run, uninterrupted)
+
+
+@pytest.mark.parametrize(
+    ("leave", "fails"),
+    [(0, "best.pt"), (8192, "checkpoint.pt")],
+    ids=["no byte free", "8 KiB free"],
+)
+def test_full_tmpfs_mid_run_is_one_error_line_and_resume_is_bit_exact_once_freed(
+    leave: int,
+    fails: str,
+    small_disk: Path,
+    uninterrupted: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from recipes.engine.checkpoint import load_checkpoint
+
+    out = small_disk / "runs"
+    fault_after_step(monkeypatch, 7, lambda: fill(small_disk, leave))
+    result = cope("train", *STEPPED, "--out", out)
+    assert_user_error(result, f"{fails} (no space left on device, ")
+    assert "free there" in result.output
+    (run,) = rundir.find_runs(out)
+    assert stray_temporary_files(small_disk) == []
+    assert load_checkpoint(run / rundir.CHECKPOINT_FILE)["progress"]["step"] == 5  # intact
+    (small_disk / "ballast").unlink()
+    monkeypatch.undo()
+    resumed = cope("train", *STEPPED, "--resume", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_run(run, uninterrupted)
+
+
+def test_output_folder_turned_read_only_mid_run_is_one_error_line_and_resumable(
+    small_disk: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = small_disk / "runs"
+    fault_after_step(monkeypatch, 7, lambda: remount(small_disk, "ro"))
+    result = cope("train", *STEPPED, "--out", out)
+    assert_user_error(result, "(the file system is read-only)")
+    remount(small_disk, "rw")
+    monkeypatch.undo()
+    (run,) = rundir.find_runs(out)
+    assert stray_temporary_files(small_disk) == []
+    resumed = cope("train", *STEPPED, "--resume", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_run(run, uninterrupted)
+
+
+def test_run_folder_deleted_mid_run_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "runs"
+    fault_after_step(monkeypatch, 7, lambda: shutil.rmtree(out))
+    result = cope("train", *STEPPED, "--out", out)
+    assert_user_error(result, "no longer exists")
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~15 s on the shared CPUs
+def test_a_real_process_on_a_full_disk_prints_one_line_and_resumes_bit_exactly(
+    small_disk: Path, uninterrupted: Path
+) -> None:
+    """The installed entry point on a 48 KiB tmpfs: the step-0 checkpoint fits, later ones not."""
+    import sys
+
+    from test_cli import LAUNCHER
+
+    remount(small_disk, "size=48k")
+    script = small_disk.parent / "launch.py"
+    script.write_text(LAUNCHER)
+    out = small_disk / "runs"
+    command = [sys.executable, str(script), str(Path(__file__).parent), "train", *STEPPED,
+               "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write "), result.stderr
+    assert "(no space left on device, " in lines[0]
+    assert stray_temporary_files(small_disk) == []
+    remount(small_disk, "size=1m")  # space freed
+    resumed = cope("train", *STEPPED, "--resume", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    (run,) = rundir.find_runs(out)
+    assert_same_run(run, uninterrupted)

@@ -258,7 +258,9 @@ def test_malformed_recipe_file_is_a_clear_error(tmp_path: Path) -> None:
     assert_user_error(cope("train", "--recipe-file", bad, "--out", tmp_path), "not valid TOML")
 
 
-def test_truncated_checkpoint_on_resume_is_a_clear_error(tmp_path: Path) -> None:
+def test_truncated_checkpoint_without_a_previous_one_on_resume_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
     from recipes.base import get_recipe
     from recipes.engine.config import resolve_config
     from recipes.engine.trainer import TrainOptions, train
@@ -267,8 +269,10 @@ def test_truncated_checkpoint_on_resume_is_a_clear_error(tmp_path: Path) -> None
     stopped = train(get_recipe("tiny-majority"), config, TrainOptions(out=tmp_path, stop_after=2))
     checkpoint = stopped.run_dir / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:64])
+    (stopped.run_dir / "checkpoint.prev.pt").unlink()  # with it, the run would fall back to it
     result = cope("train", "tiny-majority", "--pe", "abs", "--out", tmp_path, "--resume")
     assert_user_error(result, "damaged or unreadable")
+    assert "no earlier checkpoint is kept, so nothing was changed" in result.output
 
 
 def test_checkpoint_of_another_recipe_is_a_clear_error(tmp_path: Path) -> None:

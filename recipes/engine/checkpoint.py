@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically with a content digest, loaded with ``weights_only=True``.
 
 A training checkpoint holds the model, optimiser and scheduler states, the step, the RNG states
 of python, numpy and torch (as tensors and lists, so no pickled objects are needed), the data
@@ -9,9 +9,8 @@ continue bit for bit.
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,26 @@ import numpy as np
 import torch
 
 from recipes.base import UserError
+from recipes.files import DamagedFile, load_verified, save_verified
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 content digest inside the file (1: none)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save through a temporary file in the same folder, fsync, then rename over ``path``."""
+def previous_of(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        torch.save({"format": FORMAT_VERSION, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Save atomically with a content digest; the new file is read back and verified first.
+
+    With ``keep_previous`` the file it replaces survives as :func:`previous_of` ``path``, so a
+    checkpoint found damaged later still has a verified predecessor to resume from.
+    """
+    path = Path(path)
+    previous = previous_of(path) if keep_previous else None
+    save_verified(path, {"format": FORMAT_VERSION, **state}, previous=previous)
 
 
 def load_checkpoint(path: Path, recipe: str | None = None) -> dict[str, Any]:
@@ -48,18 +46,61 @@ def load_checkpoint(path: Path, recipe: str | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        text = str(e).strip()
-        reason = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
-        raise UserError(f"checkpoint {path} is damaged or unreadable ({reason})") from None
-    if not isinstance(state, dict) or "model" not in state or "format" not in state:
+        state = load_verified(path, predates_digests=lambda value: value.get("format") != 2)
+    except DamagedFile as error:
+        raise DamagedFile(f"checkpoint {error}") from None
+    if "model" not in state or "format" not in state:
         raise UserError(f"{path} is not a cope checkpoint")
     if recipe is not None and state.get("recipe") != recipe:
         raise UserError(
             f"checkpoint {path} belongs to recipe {state.get('recipe')!r}, not {recipe!r}"
         )
     return state
+
+
+def load_for_resume(
+    path: Path, recipe: str, announce: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint that verifies: ``path``, else the kept previous one; and its path.
+
+    Only damage (or a missing ``path``) falls back; a checkpoint of another recipe stays an
+    error. When it falls back and ``announce`` is given (the writing rank), the damaged file is
+    renamed to ``<name>.damaged`` (kept for inspection, and so that the next save does not
+    rotate it over the good predecessor) and ``announce`` says what happened. When nothing
+    verifies, nothing is changed.
+    """
+    path, previous = Path(path), previous_of(path)
+    try:
+        return load_checkpoint(path, recipe), path
+    except DamagedFile as error:
+        problem = str(error)
+    except UserError:
+        if path.exists() or not previous.is_file():
+            raise
+        problem = f"checkpoint {path} is missing"
+    if not previous.is_file():
+        raise DamagedFile(
+            f"{problem}; no earlier checkpoint is kept, so nothing was changed: run the same "
+            "command without --resume to start a new run"
+        )
+    try:
+        state = load_checkpoint(previous, recipe)
+    except DamagedFile as error:
+        raise DamagedFile(
+            f"{problem}, and the previous one is too ({error}); nothing was changed: run the "
+            "same command without --resume to start a new run"
+        ) from None
+    if announce is not None:
+        kept = ""
+        if path.exists():
+            damaged = path.with_name(f"{path.name}.damaged")
+            os.replace(path, damaged)
+            kept = f"; the damaged file is kept as {damaged.name}"
+        step = state.get("progress", {}).get("step", "?")
+        announce(
+            f"{problem}; resuming from the previous checkpoint {previous.name} (step {step}){kept}"
+        )
+    return state, previous
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from recipes.base import UserError, pad_collate
 from recipes.engine.evaluate import move_batch
 from recipes.engine.runs import load_run
+from recipes.files import write_atomic
 
 
 def record_example(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,7 +172,7 @@ def plot_layer(
             figure.colorbar(image, ax=axes, fraction=0.046, pad=0.02)
         row += 1
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_atomic(path, lambda stream: figure.savefig(stream, dpi=110, format="png"))
     plt.close(figure)
     return path
 
@@ -259,7 +260,7 @@ def plot_gates_over_time(
     grid[-1][0].set_xlabel(f"key j (query {query}: the readout); red: true onsets", fontsize=7)
     grid[-1][0].set_xlim(-0.5, tokens - 0.5)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_atomic(path, lambda stream: figure.savefig(stream, dpi=110, format="png"))
     plt.close(figure)
     return path
 

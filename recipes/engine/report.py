@@ -19,6 +19,7 @@ is listed (the test splits are never consulted).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -31,6 +32,7 @@ from recipes.base import Config, UserError
 from recipes.engine import rundir
 from recipes.engine.config import VOLATILE_KEYS
 from recipes.engine.evaluate import metric_label, metric_value
+from recipes.files import write_atomic, write_text_atomic
 
 # Keys that name a run within a group rather than distinguish groups (a CoPE gate variant is
 # shown as an encoding of its own, e.g. "cope[onset]", beside the baselines).
@@ -421,7 +423,7 @@ def plot_group(result: dict[str, Any], path: Path) -> Path:
     axes.set_title(result["title"], fontsize=9)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_atomic(path, lambda stream: figure.savefig(stream, dpi=110, format="png"))
     plt.close(figure)
     return path
 
@@ -445,29 +447,30 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     out_dir.mkdir(parents=True, exist_ok=True)
     made_by = provenance()
     rundir.write_json_atomic(out_dir / "results.json", {"groups": results, "provenance": made_by})
-    with (out_dir / "results.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["group", "recipe", "split", "ood", "pe", "metric", "n", "mean", "std",
-             "ci95_low", "ci95_high", "seeds", "values"]
-        )  # fmt: skip
-        for result in results:
-            for split, entry in result["splits"].items():
-                for pe, summary in entry["by_pe"].items():
-                    writer.writerow(
-                        [result["title"], result["recipe"], split, entry["ood"], pe,
-                         result["metric_label"], summary["n"], summary["mean"], summary["std"],
-                         summary["ci_low"], summary["ci_high"],
-                         " ".join(map(str, summary["seeds"])),
-                         " ".join(f"{value:.6g}" for value in summary["values"])]
-                    )  # fmt: skip
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(
+        ["group", "recipe", "split", "ood", "pe", "metric", "n", "mean", "std",
+         "ci95_low", "ci95_high", "seeds", "values"]
+    )  # fmt: skip
+    for result in results:
+        for split, entry in result["splits"].items():
+            for pe, summary in entry["by_pe"].items():
+                writer.writerow(
+                    [result["title"], result["recipe"], split, entry["ood"], pe,
+                     result["metric_label"], summary["n"], summary["mean"], summary["std"],
+                     summary["ci_low"], summary["ci_high"],
+                     " ".join(map(str, summary["seeds"])),
+                     " ".join(f"{value:.6g}" for value in summary["values"])]
+                )  # fmt: skip
+    write_text_atomic(out_dir / "results.csv", table.getvalue())
     plots: list[Path] = []
     for result in results:
         suffix = "_" + _file_safe(result["title"]) if len(results) > 1 else ""
         path = out_dir / f"plot{suffix}.png"
         plots.append(plot_group(result, path))
         result["plot"] = path.name
-    (out_dir / "report.md").write_text(markdown_report(results, made_by))
+    write_text_atomic(out_dir / "report.md", markdown_report(results, made_by))
     return {
         "json": out_dir / "results.json",
         "csv": out_dir / "results.csv",

@@ -2,15 +2,16 @@
 
 A run directory holds ``config.json`` (resolved config), ``env.json`` (versions, device, git
 commit, command line), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
-``checkpoint.pt`` (latest), ``best.pt`` (best on validation), ``eval.json`` (final evaluation)
-and ``done`` (written last: the run finished).
+``checkpoint.pt`` (latest), ``checkpoint.prev.pt`` (the one before, kept as a fallback should
+the latest be found damaged), ``best.pt`` (best on validation), ``eval.json`` (final evaluation)
+and ``done`` (written last: the run finished). Every file is written atomically through
+:mod:`recipes.files`; the checkpoints carry a content digest checked on load.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
 import subprocess
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from recipes.base import Config, UserError
+from recipes.files import append_text, write_text_atomic
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # checkpoint.previous_of(CHECKPOINT_FILE)
 BEST_FILE = "best.pt"
 EVAL_FILE = "eval.json"
 DONE_FILE = "done"
@@ -76,6 +79,16 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / DONE_FILE).is_file()
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run kept a checkpoint to resume from (the latest or the one before)."""
+    return any((run_dir / name).is_file() for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE))
+
+
+def mark_done(run_dir: Path) -> None:
+    """Write the ``done`` marker (the time), last of all: the run finished."""
+    write_text_atomic(Path(run_dir) / DONE_FILE, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+
+
 def find_runs(
     out: Path, recipe: str | None = None, pe: str | None = None, seed: int | None = None
 ) -> list[Path]:
@@ -113,14 +126,10 @@ def strict_json(data: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write strict JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        json.dump(strict_json(data), handle, indent=2, sort_keys=True, allow_nan=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write strict JSON (NaN and infinities as null) atomically, so readers never see half a
+    file."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -260,8 +269,7 @@ class MetricsLog:
         """Append one record (and send its numbers to TensorBoard)."""
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tensorboard is not None and "step" in record:
             prefix = "/".join(str(record[key]) for key in ("kind", "split") if key in record)
             for key, value in record.items():
@@ -286,7 +294,7 @@ class MetricsLog:
                 continue  # a line cut short by the kill
             if record.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

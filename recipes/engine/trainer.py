@@ -31,6 +31,7 @@ from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    load_for_resume,
     load_model_state,
     preserved_rng,
     restore_rng_state,
@@ -55,6 +56,7 @@ from recipes.engine.evaluate import (
     move_batch,
 )
 from recipes.engine.sampler import ResumableBatchSampler
+from recipes.files import remove_stale_temporaries
 
 
 class TrainingDiverged(UserError):
@@ -200,9 +202,7 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
     matching = [run for run in runs if _same_config(run, recipe_name, config)]
     finished = [run for run in matching if rundir.is_finished(run)]
     resumable = [
-        run
-        for run in matching
-        if not rundir.is_finished(run) and (run / rundir.CHECKPOINT_FILE).is_file()
+        run for run in matching if not rundir.is_finished(run) and rundir.has_checkpoint(run)
     ]
     if options.resume and matching:
         newest = matching[-1]
@@ -419,8 +419,8 @@ class Trainer:
     def restore(self, run_dir: Path) -> None:
         """Continue ``run_dir`` from its checkpoint: weights, optimiser, sampler, RNG streams."""
         self.run_dir = run_dir
-        path = run_dir / rundir.CHECKPOINT_FILE
-        state = load_checkpoint(path, self.recipe.name)
+        announce = self.observer.message if self.is_main else None
+        state, path = load_for_resume(run_dir / rundir.CHECKPOINT_FILE, self.recipe.name, announce)
         load_model_state(self.model, state, path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -437,6 +437,7 @@ class Trainer:
                 f"checkpoint {path} cannot be resumed ({type(error).__name__}: {error})"
             ) from None
         if self.is_main:
+            remove_stale_temporaries(run_dir)  # left by a run killed while writing
             rundir.note_resumption(run_dir, self.progress.step, str(self.device))
         self.open_metrics()
 
@@ -641,7 +642,7 @@ class Trainer:
         }
         if self.context.enabled:
             state["rng_per_rank"] = rng_states
-        save_checkpoint(self.run_dir / rundir.CHECKPOINT_FILE, state)
+        save_checkpoint(self.run_dir / rundir.CHECKPOINT_FILE, state, keep_previous=True)
 
     def finish(self) -> RunResult:
         """Evaluate every split with the best weights, write eval.json, then ``done``."""
@@ -660,9 +661,7 @@ class Trainer:
             self.metrics.log(
                 {"kind": "final", "step": self.progress.step, "splits": evaluation["splits"]}
             )
-            (self.run_dir / rundir.DONE_FILE).write_text(
-                time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n"
-            )
+            rundir.mark_done(self.run_dir)
         barrier(self.context)
         return RunResult(self.run_dir, "finished", self.progress.step, evaluation, self.is_main)
 

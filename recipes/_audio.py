@@ -12,6 +12,7 @@ the finished features, so later epochs never touch a waveform or an STFT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,9 +27,10 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from torch import nn
 from torch.utils.data import Dataset
 
-from recipes.base import Config, UserError
+from recipes.base import Config, Recipe, UserError, encoder_config
 from recipes.folders import list_class_files
 from recipes.folders import read_list as read_list  # one parser for every list file
 
@@ -243,6 +245,31 @@ class Ragged:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"flat": self.flat, "offsets": self.offsets}
+
+
+class SpectrogramClassifier(Recipe):
+    """Recipes whose items are (frames, features) spectrograms with one class each.
+
+    The model is a FeatureFrontend (``info["stack"]`` frames per token), an encoder whose
+    ``max_len`` is raised to the data's longest item, and a SequenceClassifier.
+    """
+
+    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
+        from encoders.frontends import FeatureFrontend
+        from encoders.transformer import SequenceClassifier
+
+        encoder = encoder_config(config)
+        encoder = dataclasses.replace(encoder, max_len=max(encoder.max_len, info["max_len"]))
+        frontend = FeatureFrontend(info["feature_dim"], encoder.dim, stack=info["stack"])
+        return SequenceClassifier(frontend, encoder, info["num_classes"])
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
+        """The item's spectrogram (features, frames)."""
+        return {
+            "kind": "spectrogram",
+            "image": item["inputs"].T,
+            "tokens_per_frame": 1.0 / info.get("stack", 1),
+        }
 
 
 # ----------------------------------------------------------------------------- caching

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 
 from recipes._video import (
     VIDEO_MODEL_DEFAULTS,
+    VIDEO_PRESETS,
     build_video_classifier,
     drop_frames,
     pad_frames,
@@ -382,20 +383,12 @@ class MovingShapes(Recipe):
         "data.long_max_events": 9,
         "data.frame_diff": False,  # add a frame-difference channel (issue 10: change cues)
         **VIDEO_MODEL_DEFAULTS,
+        # Otherwise the engine's: AdamW at lr 1e-3, cosine schedule, batch 32.
         "train.steps": 1500,
-        "train.batch_size": 32,
-        "train.lr": 1e-3,
-        "train.optimizer": "adamw",
-        "train.weight_decay": 0.01,
         "train.warmup_steps": 50,
-        "train.schedule": "cosine",
         "train.eval_every": 250,
     }
-    presets: dict[str, Config] = {
-        "tiny": {"model.dim": 32, "model.depth": 1, "model.heads": 2, "model.mlp_dim": 64},
-        "small": {},
-        "base": {"model.dim": 128, "model.depth": 4, "model.heads": 4, "model.mlp_dim": 256},
-    }
+    presets: dict[str, Config] = VIDEO_PRESETS
     default_preset = "small"
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:

@@ -13,19 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 
 from cope_cli.bench import bench_app
-from cope_cli.render import (
-    RichObserver,
-    comparison_table,
-    console,
-    error_console,
-    evaluation_table,
-    print_files,
-)
-from encoders.cope import GATES
-from encoders.positions import list_position_encodings
-from recipes.engine.config import TRAIN_CHOICES
+from cope_cli.console import console, error_console
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -34,10 +25,40 @@ app = typer.Typer(
     help="Contextual Position Encoding (CoPE) experiments: train, evaluate and compare "
     "position encodings on speech, video and text recipes.",
     no_args_is_help=True,
-    add_completion=False,
 )
 
 Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def registry_names() -> dict[str, str]:
+    """What option help lists, read from the registries that own it (this imports torch)."""
+    from encoders.cope import GATES
+    from encoders.positions import list_position_encodings
+    from recipes.engine.config import TRAIN_CHOICES
+
+    return {
+        "{pe_names}": ", ".join(list_position_encodings()),
+        "{gates}": ", ".join(GATES),
+        "{devices}": ", ".join(TRAIN_CHOICES["train.device"]),
+    }
+
+
+class RegistryHelp(typer.core.TyperCommand):
+    """A command whose option help names registry entries ({pe_names}, {gates}, {devices}).
+
+    They are filled in when help is shown, not when this module is imported: the registries
+    import torch, and ``import cope_cli.app`` must stay light (fast ``cope --help``).
+    """
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        names = registry_names()
+        for param in self.params:
+            text = getattr(param, "help", None)
+            if text and "{" in text:
+                for placeholder, value in names.items():
+                    text = text.replace(placeholder, value)
+                param.help = text
+        super().format_help(ctx, formatter)
 
 
 def fail(message: str) -> typer.Exit:
@@ -53,7 +74,7 @@ def user_errors(command: Command) -> Command:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         import torch
 
-        from recipes.base import UserError
+        from recipes.errors import UserError
 
         try:
             return command(*args, **kwargs)
@@ -100,10 +121,7 @@ def main_options(
 # Options shared by `train` and `compare` (Annotated so both commands document them alike).
 PeOption = Annotated[
     str | None,
-    typer.Option(
-        help=f"Position encoding (model.pe): {', '.join(list_position_encodings())}. "
-        "Default: the recipe's."
-    ),
+    typer.Option(help="Position encoding (model.pe): {pe_names}. Default: the recipe's."),
 ]
 SeedOption = Annotated[
     int | None, typer.Option(help="Training seed (init, data order). Default: 0.")
@@ -121,9 +139,7 @@ PresetOption = Annotated[
 ]
 DeviceOption = Annotated[
     str | None,
-    typer.Option(
-        help=f"{', '.join(TRAIN_CHOICES['train.device'])} (auto: cuda when present). Default: auto."
-    ),
+    typer.Option(help="{devices} (auto: cuda when present). Default: auto."),
 ]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
@@ -147,8 +163,8 @@ RecipeFileOption = Annotated[
 CopeGateOption = Annotated[
     str | None,
     typer.Option(
-        help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
-        "at changes between neighbouring keys, token is a per-token head. Default: qk."
+        help="CoPE gate (model.cope_gate): {gates}; qk is the paper's, onset opens at changes "
+        "between neighbouring keys, token is a per-token head. Default: qk."
     ),
 ]
 ForceOption = Annotated[
@@ -235,7 +251,7 @@ def recipes_command(
     console.print(table)
 
 
-@app.command("train")
+@app.command("train", cls=RegistryHelp)
 @user_errors
 def train_command(
     recipe: Annotated[
@@ -280,6 +296,7 @@ def train_command(
 
     Example: cope train counting --pe cope --steps 500 --set train.lr=3e-3
     """
+    from cope_cli.render import RichObserver
     from recipes.base import get_recipe
     from recipes.engine.config import preset_options, resolve_config
     from recipes.engine.trainer import TrainOptions, train
@@ -306,6 +323,8 @@ def train_command(
 
 def _report_run(result: Any, title: str) -> None:
     """What became of a ``cope train``: the evaluation table, or how to continue."""
+    from cope_cli.render import evaluation_table
+
     if not result.is_main:
         return  # other ranks of a torchrun job: rank 0 reports
     if result.status == "interrupted":
@@ -322,7 +341,7 @@ def _report_run(result: Any, title: str) -> None:
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
 
 
-@app.command("config")
+@app.command("config", cls=RegistryHelp)
 @user_errors
 def config_command(
     recipe: Annotated[
@@ -373,10 +392,15 @@ def config_command(
     console.print(table)
 
 
-def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
+def _find_eval_target(target: str | None, pe: str | None, out: Path) -> Path:
+    """A run directory, the newest finished run of a recipe, or (no target) of any recipe."""
     from recipes.base import RECIPES, UserError, list_recipes
     from recipes.engine.runs import newest_run
 
+    if target is None:
+        run_dir = newest_run(out, None, pe)
+        error_console.print(f"evaluating the newest run: {run_dir}", highlight=False)
+        return run_dir
     path = Path(target)
     if path.is_dir():
         return path
@@ -389,18 +413,19 @@ def _find_eval_target(target: str, pe: str | None, out: Path) -> Path:
     return newest_run(out, target, pe)
 
 
-@app.command("eval")
+@app.command("eval", cls=RegistryHelp)
 @user_errors
 def eval_command(
     target: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="A run directory, or a recipe name (then the newest finished run of it).",
+            help="A run directory, or a recipe name (then the newest finished run of it). "
+            "Omitted: the newest finished run under --out (of --pe, if given).",
             show_default=False,
         ),
-    ],
+    ] = None,
     pe: Annotated[
-        str | None, typer.Option(help="With a recipe name: the encoding of the run to pick.")
+        str | None, typer.Option(help="Without a run directory: the encoding of the run to pick.")
     ] = None,
     split: Annotated[str, typer.Option(help="A split name, or 'all'.")] = "all",
     json_output: Annotated[
@@ -409,18 +434,37 @@ def eval_command(
     out: OutOption = Path("runs"),
     device: DeviceOption = None,
     data_dir: DataDirOption = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change a data option for this evaluation, repeatable: --set data.fps=12. "
+            "Only data.* keys (the weights fix the model).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a trained run (best checkpoint) on one split or all of them.
 
     Example: cope eval counting --pe cope --split long
+
+    Example: cope eval --pe cope  (the newest finished cope run under runs/)
+
+    Example: cope eval runs/video-folder/cope/seed0-STAMP --set data.fps=4
     """
+    from cope_cli.render import RichObserver, evaluation_table
+    from recipes.engine.config import parse_set_option
     from recipes.engine.runs import evaluate_run
 
     run_dir = _find_eval_target(target, pe, out)
     splits = None if split == "all" else [split]
     observer = RichObserver(error_console) if not json_output else None
     result = evaluate_run(
-        run_dir, splits, device=device or "auto", observer=observer, data_dir=data_dir
+        run_dir,
+        splits,
+        device=device or "auto",
+        observer=observer,
+        data_dir=data_dir,
+        data_options=dict(parse_set_option(text) for text in set_ or []),
     )
     if json_output:
         print(json.dumps(result, indent=2))
@@ -431,7 +475,7 @@ def eval_command(
     console.print(f"run directory: {run_dir} ({result['weights']})", highlight=False)
 
 
-@app.command("compare")
+@app.command("compare", cls=RegistryHelp)
 @user_errors
 def compare_command(
     recipe: Annotated[
@@ -439,10 +483,7 @@ def compare_command(
     ] = None,
     pe: Annotated[
         str,
-        typer.Option(
-            help="Comma-separated position encodings to compare, from: "
-            f"{', '.join(list_position_encodings())}."
-        ),
+        typer.Option(help="Comma-separated position encodings to compare, from: {pe_names}."),
     ] = "cope,rope,abs",
     seeds: Annotated[
         int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)
@@ -469,11 +510,12 @@ def compare_command(
 
     Identical finished runs under --out are reused and unfinished ones resumed.
 
-    Writes results.json, results.csv, report.md and a bar plot per split
+    Writes results.json, results.csv, report.md and a grouped bar plot (splits x encodings)
     to OUT/RECIPE/compare-STAMP/.
 
     Example: cope compare audio-events --pe cope,rope,abs --seeds 3
     """
+    from cope_cli.render import RichObserver
     from recipes.base import get_recipe
     from recipes.engine.compare import compare, parse_pe_list, seed_list
     from recipes.engine.trainer import TrainOptions
@@ -504,6 +546,8 @@ def compare_command(
 
 
 def _finish_grid(result: Any) -> None:
+    from cope_cli.render import comparison_table, print_files
+
     if result.interrupted:
         error_console.print(
             "[yellow]interrupted[/]; run the same command again to continue.", highlight=False
@@ -514,7 +558,7 @@ def _finish_grid(result: Any) -> None:
     print_files(result.files)
 
 
-@app.command("sweep")
+@app.command("sweep", cls=RegistryHelp)
 @user_errors
 def sweep_command(
     file: Annotated[Path, typer.Argument(help="Sweep file (TOML).", show_default=False)],
@@ -536,6 +580,7 @@ def sweep_command(
 
     Example: cope sweep sweep.toml --out runs/sweep1
     """
+    from cope_cli.render import RichObserver
     from recipes.engine.compare import sweep
     from recipes.engine.trainer import TrainOptions
 
@@ -565,6 +610,7 @@ def report_command(
 
     Example: cope report runs/
     """
+    from cope_cli.render import comparison_table, print_files
     from recipes.base import UserError
     from recipes.engine.report import build_report
 

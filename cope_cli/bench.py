@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recipes.base import UserError
+from recipes.errors import UserError
 
 bench_app = typer.Typer(
     help="Benchmark CoPE: attention paths (time, peak memory) and training throughput.",

@@ -17,12 +17,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cope_cli.console import console
 from recipes.engine.evaluate import metric_label, metric_value
 from recipes.engine.report import format_cell, split_heading
 from recipes.engine.trainer import TrainObserver
-
-console = Console()
-error_console = Console(stderr=True)
 
 
 class RichObserver(TrainObserver):
@@ -119,21 +117,30 @@ def evaluation_table(evaluation: dict[str, Any], title: str) -> Table:
     return table
 
 
-def comparison_table(result: dict[str, Any]) -> Table:
-    """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds."""
+def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
+    """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds.
+
+    Narrower than 120 columns (an 80-column terminal), cells drop the interval (report.md keeps
+    it) and OOD splits are marked with a dagger, so no cell wraps.
+    """
+    wide = (width or console.width) >= 120
+    interval = " [95% CI]" if wide else ""
     table = Table(
-        title=f"{result['title']} — {result['metric_label']}, mean ± std [95% CI] over seeds",
+        title=f"{result['title']} — {result['metric_label']}, mean ± std{interval} over seeds",
+        caption=None if wide else "† out of distribution; intervals in report.md",
         show_lines=False,
     )
-    table.add_column("pe", style="bold")
+    table.add_column("pe", style="bold", no_wrap=True)
     table.add_column("seeds", justify="right")
     for name, entry in result["splits"].items():
-        table.add_column(split_heading(name, entry), justify="right")
+        heading = split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
+        table.add_column(heading, justify="right", no_wrap=True)
     for pe in result["pes"]:
         cells, seeds = [], 0
         for entry in result["splits"].values():
             summary = entry["by_pe"].get(pe)
-            cells.append(format_cell(summary, result["metric"]) if summary else "–")
+            cell = format_cell(summary, result["metric"], wide, seeds_note=wide) if summary else "–"
+            cells.append(cell)
             seeds = max(seeds, summary["n"] if summary else 0)
         table.add_row(pe, str(seeds), *cells)
     return table

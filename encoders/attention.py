@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from encoders.cope import attention_mask
+from encoders.masking import attention_mask
 from encoders.positions import PositionEncoding
 
 

@@ -5,7 +5,7 @@ The maths is the reference's (:mod:`encoders.cope`); only the order of work diff
 Why a band. For a query i, the contextual position p_ij = sum_{k=j..i} g_ik grows as the key j
 moves away from the query, and it is capped at npos - 1. Once a row's running gate sum has
 passed the cap, every key further away sees the same capped position, i.e. the same bias
-z_i[npos-1]: those keys are ordinary attention with one per-row bias (DESIGN.md §2). So each
+z_i[npos-1]: those keys are ordinary attention with one per-row bias . So each
 direction of attention is split into
 
 - a *band*: the keys at distances [strict, strict + n * block) from the query, walked in
@@ -49,7 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from encoders.cope import compute_dtype, npos_of_table
+from encoders.cope_core import (
+    compute_dtype,
+    directions,
+    merge_partials,
+    npos_of_table,
+    position_logits,
+)
 
 # Rows and keys per band tile, the unit of the batched band matmuls: 16 wastes less of the
 # triangle on short sequences (T <= 128), 32 has less per-tile overhead on long ones.
@@ -74,16 +80,6 @@ class _DirectionState:
     @property
     def strict(self) -> int:
         return 0 if self.behind else 1
-
-
-def _merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Merge (normalised output (B,H,T,D), log-sum-exp (B,H,T)) partials of one softmax."""
-    lse = torch.logsumexp(torch.stack([p_lse for _, p_lse in partials]), dim=0)
-    safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    out = torch.zeros_like(partials[0][0])
-    for p_out, p_lse in partials:
-        out += torch.exp(p_lse - safe).unsqueeze(-1) * p_out
-    return out, lse
 
 
 class _Band:
@@ -516,22 +512,6 @@ def _table_gradient(grad_z: Tensor) -> Tensor:
     return real - imag + F.pad(imag[..., :-1], (1, 0))
 
 
-def _directions(z: Tensor, npos: int, causal: bool) -> list[tuple[bool, Tensor]]:
-    """Per direction: (behind, position logits indexed by |position|, (B, H, T, npos))."""
-    if causal:
-        return [(True, z)]
-    left = z[..., npos - 1 :]  # rows npos-1.. hold positions 0..npos-1
-    right = z[..., :npos].flip(-1)  # rows npos-1..0 hold positions 0..-(npos-1)
-    return [(True, left), (False, right)]
-
-
-def _position_logits(q: Tensor, table: Tensor) -> Tensor:
-    """z_i[n] = q_i . e[n]: (B, H, T, rows)."""
-    if table.dim() == 2:
-        return q @ table.transpose(0, 1)
-    return torch.einsum("bhtd,hnd->bhtn", q, table)
-
-
 def _far_frame(behind: bool, *tensors: Tensor | None) -> list[Tensor | None]:
     """Tensors in the far region's frame: as they are behind, reversed in time ahead."""
     if behind:
@@ -556,11 +536,11 @@ class BlockwiseCoPE(torch.autograd.Function):
         npos = npos_of_table(table, causal)
         scale = 1.0 / math.sqrt(q.shape[-1])
         key_valid = None if key_padding_mask is None else ~key_padding_mask
-        z = _position_logits(q, table)
+        z = position_logits(q, table)
         qs = q * scale
         partials: list[tuple[Tensor, Tensor]] = []
         states: list[_DirectionState] = []
-        for behind, z_dir in _directions(z, npos, causal):
+        for behind, z_dir in directions(z, npos, causal):
             band = _Band(qs, k, v, z_dir, key_valid, behind=behind, npos=npos, block=block)
             band_out, band_lse, carries, tiles = _band_forward(band)
             del band
@@ -577,7 +557,7 @@ class BlockwiseCoPE(torch.autograd.Function):
                     out, lse = out.flip(-2), lse.flip(-1)
                 partials.append((out, lse))
             states.append(_DirectionState(behind, tiles, carries, far))
-        out, lse = _merge(partials)
+        out, lse = merge_partials(partials)
         ctx.save_for_backward(q, k, v, table, z, out, lse, key_valid)
         ctx.states, ctx.causal, ctx.block = states, causal, block
         ctx.has_mask = key_padding_mask is not None
@@ -605,8 +585,8 @@ class BlockwiseCoPE(torch.autograd.Function):
         grad_z = torch.zeros_like(z)
         # Rows with no visible key: exp(s - inf) = 0 keeps their (zero) gradients finite.
         lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))
-        directions = _directions(z, npos, ctx.causal)
-        for state, (behind, z_dir) in zip(ctx.states, directions, strict=True):
+        walks = zip(ctx.states, directions(z, npos, ctx.causal), strict=True)
+        for state, (behind, z_dir) in walks:
             # dL/dz of this direction's rows of the table: a view of grad_z, except for the
             # rightward half whose rows run backwards (accumulated apart, added at the end).
             if ctx.causal:

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from encoders.cope import compute_dtype, npos_of_table
+from encoders.cope_core import (
+    compute_dtype,
+    directions,
+    merge_partials,
+    npos_of_table,
+    position_logits,
+)
 
 
 def triton_available() -> bool:
@@ -243,13 +249,6 @@ def _block_sizes(length: int, dim: int) -> tuple[int, int, int]:
     return block, block, max(16, triton.next_power_of_2(dim))
 
 
-def _directions(z: Tensor, npos: int, causal: bool) -> list[tuple[bool, Tensor]]:
-    """Per direction: (reversed sequence?, position logits by |position|), as blockwise."""
-    if causal:
-        return [(False, z)]
-    return [(False, z[..., npos - 1 :]), (True, z[..., :npos].flip(-1))]
-
-
 def _frame(flip: bool, x: Tensor) -> Tensor:
     """A (B, H, T, ...) or (B*H, T) tensor in a direction's frame, contiguous for the kernel."""
     dim = 2 if x.dim() >= 3 else 1
@@ -264,8 +263,6 @@ class TritonCoPE(torch.autograd.Function):
         ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, key_padding_mask: Tensor | None,
         causal: bool,
     ) -> Tensor:  # fmt: skip
-        from encoders.cope_blockwise import _merge, _position_logits
-
         forward_kernel, _ = _kernels()
         batch, heads, length, dim = q.shape
         npos = npos_of_table(table, causal)
@@ -276,9 +273,10 @@ class TritonCoPE(torch.autograd.Function):
         if key_padding_mask is not None:
             valid = (~key_padding_mask)[:, None, :].expand(batch, heads, length)
             valid = valid.reshape(batch * heads, length).to(torch.int8)
-        z = _position_logits(q, table)
+        z = position_logits(q, table)
         partials, saved = [], []
-        for flip, z_dir in _directions(z, npos, causal):
+        for behind, z_dir in directions(z, npos, causal):
+            flip = not behind
             out = torch.empty_like(q)
             lse = q.new_empty(batch, heads, length)
             total = q.new_empty(batch, heads, length)
@@ -294,7 +292,7 @@ class TritonCoPE(torch.autograd.Function):
             if flip:
                 out, lse = out.flip(2), lse.flip(2)
             partials.append((out, lse))
-        out, lse = _merge(partials)
+        out, lse = merge_partials(partials)
         ctx.save_for_backward(q, k, v, table, z, out, lse)
         ctx.valid, ctx.saved_walks, ctx.causal = valid, saved, causal
         return out
@@ -321,8 +319,9 @@ class TritonCoPE(torch.autograd.Function):
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
         grad_z = torch.zeros_like(z)
-        directions = _directions(z, npos, ctx.causal)
-        for (flip, z_dir), (total, stop) in zip(directions, ctx.saved_walks, strict=True):
+        walks = zip(directions(z, npos, ctx.causal), ctx.saved_walks, strict=True)
+        for (behind, z_dir), (total, stop) in walks:
+            flip = not behind
             dq = torch.zeros_like(q)
             dk = torch.zeros_like(k)
             dv = torch.zeros_like(v)

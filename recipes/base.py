@@ -22,12 +22,12 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from recipes.errors import UserError
+
 IGNORE_INDEX = -100
 Config = dict[str, Any]
 
 
-class UserError(Exception):
-    """A mistake the user can fix (bad option, missing data); the CLI prints it as one line."""
 
 
 @dataclass

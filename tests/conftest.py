@@ -1,9 +1,27 @@
-"""Shared test setup: every test starts from the same torch seed, so failures reproduce."""
+"""Shared test setup: every test starts from the same torch seed, so failures reproduce, and
+every cache the code would keep in the user's cache folder goes to a temporary one."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point COPE_CACHE_DIR (read by the recipes and by CLI subprocesses) at a temporary folder."""
+    cache = tmp_path_factory.mktemp("cope-cache")
+    before = os.environ.get("COPE_CACHE_DIR")
+    os.environ["COPE_CACHE_DIR"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("COPE_CACHE_DIR", None)
+    else:
+        os.environ["COPE_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

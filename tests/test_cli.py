@@ -103,6 +103,51 @@ def test_eval_of_a_run_directory_and_one_split(tmp_path: Path) -> None:
     assert_user_error(cope("eval", run, "--split", "nope"), "unknown split 'nope'")
 
 
+def test_eval_without_a_target_picks_the_newest_finished_run_of_the_encoding(
+    tmp_path: Path,
+) -> None:
+    for pe in ("abs", "rope"):
+        cope("train", "tiny-majority", "--pe", pe, "--steps", "3", "--out", tmp_path)
+    (abs_run,) = rundir.find_runs(tmp_path, "tiny-majority", "abs")
+    result = cope("eval", "--pe", "abs", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert f"evaluating the newest run: {abs_run}" in result.output
+    assert json.loads(result.output[result.output.index("{") :])["run_dir"] == str(abs_run)
+    assert_user_error(cope("eval", "--pe", "alibi", "--out", tmp_path), "no finished run")
+
+
+def test_eval_set_changes_data_options_and_refuses_model_options(tmp_path: Path) -> None:
+    cope("train", "tiny-majority", "--pe", "abs", "--steps", "3", "--out", tmp_path)
+    (run,) = rundir.find_runs(tmp_path)
+    plain = json.loads(cope("eval", run, "--split", "val", "--json").output)
+    fewer = cope("eval", run, "--split", "val", "--json", "--set", "data.eval_size=7")
+    assert fewer.exit_code == 0, fewer.output
+    changed = json.loads(fewer.output)
+    assert changed["data_options"] == {"data.eval_size": 7} and plain["data_options"] == {}
+    assert changed["splits"]["val"]["count"] == 7 != plain["splits"]["val"]["count"]
+    assert_user_error(cope("eval", run, "--set", "model.depth=4"), "only data.* options")
+    assert_user_error(cope("eval", run, "--set", "data.eval_size=many"), "must be an integer")
+
+
+def test_one_seed_results_json_is_strict_json_with_null_intervals(tmp_path: Path) -> None:
+    result = cope(
+        "compare", "tiny-majority", "--pe", "abs", "--seeds", "1", "--steps", "2", "--out", tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("tiny-majority/compare-*/results.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert "null" in text  # the one-seed std and interval
+
+
+def test_saved_data_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    rundir.write_config(tmp_path, "tiny-majority", {}, None, Path("mydata"))
+    assert rundir.read_data_dir(tmp_path) == tmp_path.resolve() / "mydata"
+
+
 def test_recipe_file_and_set_override_in_order(tmp_path: Path) -> None:
     recipe_file = tmp_path / "run.toml"
     recipe_file.write_text(
@@ -232,8 +277,8 @@ def test_compare_two_encodings_two_seeds_writes_table_and_files(tmp_path: Path) 
     assert data["splits"]["test"]["by_pe"]["abs"]["seeds"] == [0, 1]
     rows = (folder / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 3  # header + 2 encodings x 3 splits
-    for split in ("val", "test", "long"):
-        assert (folder / f"plot_{split}.png").stat().st_size > 1000
+    assert (folder / "plot.png").stat().st_size > 1000  # one grouped figure
+    assert "![plot.png](plot.png)" in (folder / "report.md").read_text()
     output = " ".join(result.output.split())
     assert "long (OOD)" in output and "results.csv" in output and "±" in output
     # a second comparison reuses the four finished runs instead of training again
@@ -275,7 +320,7 @@ def test_report_rebuilds_tables_from_run_directories(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| abs | 1 |" in markdown and "| nope | 1 |" in markdown
-    assert (tmp_path / "report" / "plot_long.png").is_file()
+    assert (tmp_path / "report" / "plot.png").is_file()
 
 
 def test_positions_draws_heatmaps_of_a_cope_run(tmp_path: Path) -> None:
@@ -387,3 +432,49 @@ def test_installed_console_script_reports_errors_without_traceback(tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown recipe 'no-such-recipe'")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    """`cope --help` answers fast because the CLI imports torch only inside the commands."""
+    code = "import sys, cope_cli.app; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_compare_table_fits_an_80_column_terminal() -> None:
+    from rich.console import Console
+
+    from cope_cli.render import comparison_table
+
+    def summary(mean: float, n: int) -> dict:
+        return {"mean": mean, "std": 0.0123, "n": n, "ci_low": mean - 0.03, "ci_high": mean + 0.03}
+
+    splits = {
+        name: {"ood": ood, "by_pe": {pe: summary(0.953, 3) for pe in ("cope", "rope", "abs")}}
+        for name, ood in (("val", False), ("test", False), ("more-events", True), ("slow", True))
+    }
+    result = {"title": "audio-events", "metric": "accuracy", "metric_label": "accuracy",
+              "pes": ["cope", "rope", "abs"], "splits": splits}  # fmt: skip
+    narrow = Console(width=80, record=True)
+    narrow.print(comparison_table(result, width=80))
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line for line in lines if line.lstrip("│ ").startswith(("cope", "rope", "abs"))]
+    assert len(rows) == 3 and all("0.953 ± 0.012" in row for row in rows)  # one line per encoding
+    assert "more-events †" in text
+    wide = Console(width=200, record=True)
+    wide.print(comparison_table(result, width=200))
+    assert "[0.923, 0.983]" in wide.export_text()
+
+
+def test_option_help_lists_what_the_registries_hold() -> None:
+    from encoders.cope import GATES
+    from encoders.positions import list_position_encodings
+
+    for command in ("train", "compare"):
+        text = " ".join(cope(command, "--help").output.split())
+        assert ", ".join(list_position_encodings()) in text, command
+        assert ", ".join(GATES) in text and "{" not in text, command

@@ -1,7 +1,7 @@
 """Tables, files and plots from finished runs: mean +- std and a 95% t-interval per split.
 
 ``results.json`` (everything, per run and aggregated), ``results.csv`` (one row per group,
-encoding and split), ``plot_<split>.png`` (one bar per encoding, 95% interval as error bars)
+encoding and split), ``plot.png`` (splits x encodings, 95% interval as error bars)
 and ``report.md`` (markdown tables). `cope compare`, `cope sweep` and `cope report` all end here.
 """
 
@@ -204,12 +204,14 @@ def _split_rank(name: str) -> tuple[int, str]:
     return ({"val": 0, "test": 1}.get(name, 2), name)
 
 
-def format_cell(summary: dict[str, Any], metric: str, with_ci: bool = True) -> str:
-    """``mean ± std [ci_low, ci_high]`` in the metric's units."""
+def format_cell(
+    summary: dict[str, Any], metric: str, with_ci: bool = True, seeds_note: bool = True
+) -> str:
+    """``mean ± std [ci_low, ci_high]`` in the metric's units; one seed: the mean alone."""
     digits = 1 if metric == "error" else 3
     mean = f"{summary['mean']:.{digits}f}"
     if summary["n"] < 2:
-        return f"{mean} (1 seed)"
+        return f"{mean} (1 seed)" if seeds_note else mean
     text = f"{mean} ± {summary['std']:.{digits}f}"
     if with_ci:
         text += f" [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
@@ -225,36 +227,42 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
 
 
-def plot_split(result: dict[str, Any], split: str, path: Path) -> Path:
-    """A bar per encoding, error bars = 95% t-interval (none with one seed)."""
+def plot_group(result: dict[str, Any], path: Path) -> Path:
+    """One grouped bar chart: splits along x, a bar per encoding in each, the seeds as dots;
+    error bars (95% t-interval) only where an encoding has more than one seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entry = result["splits"][split]
-    pes = list(entry["by_pe"])
-    means = [entry["by_pe"][pe]["mean"] for pe in pes]
-    # asymmetric error bars: the interval may be clipped at the metric's range
-    errors = [
-        [0.0, 0.0]
-        if entry["by_pe"][pe]["n"] < 2
-        else [
-            entry["by_pe"][pe]["mean"] - entry["by_pe"][pe]["ci_low"],
-            entry["by_pe"][pe]["ci_high"] - entry["by_pe"][pe]["mean"],
-        ]
-        for pe in pes
-    ]
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(pes), 3.2))
-    yerr = [[low for low, _ in errors], [high for _, high in errors]]
-    axes.bar(pes, means, yerr=yerr, capsize=4, color="#4C72B0")
-    for index, pe in enumerate(pes):  # the seeds themselves, so a reader sees the spread
-        values = entry["by_pe"][pe]["values"] if "values" in entry["by_pe"][pe] else []
-        axes.scatter([index] * len(values), values, color="black", s=8, zorder=3)
+    splits, pes = list(result["splits"]), list(result["pes"])
+    width = 0.8 / max(len(pes), 1)
+    figure, axes = plt.subplots(figsize=(2.4 + 0.35 * len(splits) * len(pes), 3.4))
+    for index, pe in enumerate(pes):
+        positions, means, low, high = [], [], [], []
+        for column, split in enumerate(splits):
+            summary = result["splits"][split]["by_pe"].get(pe)
+            if summary is None:
+                continue
+            x = column - 0.4 + width * (index + 0.5)
+            spread = summary["n"] > 1  # the interval may be clipped at the metric's range
+            positions.append(x)
+            means.append(summary["mean"])
+            low.append(summary["mean"] - summary["ci_low"] if spread else 0.0)
+            high.append(summary["ci_high"] - summary["mean"] if spread else 0.0)
+            values = summary.get("values", [])
+            axes.scatter([x] * len(values), values, color="black", s=6, zorder=3)
+        axes.bar(positions, means, width * 0.92, label=pe)
+        if any(low) or any(high):
+            axes.errorbar(positions, means, yerr=[low, high], fmt="none", ecolor="black",
+                          capsize=3, linewidth=1)  # fmt: skip
+    axes.set_xticks(range(len(splits)))
+    axes.set_xticklabels([split_heading(split, result["splits"][split]) for split in splits])
     axes.set_ylabel(result["metric_label"])
     if result["metric"] != "error":
         axes.set_ylim(0, 1.05)
-    axes.set_title(f"{result['title']}: {split_heading(split, entry)}", fontsize=9)
+    axes.set_title(result["title"], fontsize=9)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -262,7 +270,7 @@ def plot_split(result: dict[str, Any], split: str, path: Path) -> Path:
 
 
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
-    """Write results.json, results.csv, one PNG per group and split, and report.md."""
+    """Write results.json, results.csv, one grouped PNG per group, and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_json_atomic(out_dir / "results.json", {"groups": results})
     with (out_dir / "results.csv").open("w", newline="") as handle:
@@ -283,11 +291,10 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
                     )  # fmt: skip
     plots: list[Path] = []
     for result in results:
-        prefix = _file_safe(result["title"]) + "_" if len(results) > 1 else ""
-        for split in result["splits"]:
-            path = out_dir / f"plot_{prefix}{_file_safe(split)}.png"
-            plots.append(plot_split(result, split, path))
-            result["splits"][split]["plot"] = path.name
+        suffix = "_" + _file_safe(result["title"]) if len(results) > 1 else ""
+        path = out_dir / f"plot{suffix}.png"
+        plots.append(plot_group(result, path))
+        result["plot"] = path.name
     (out_dir / "report.md").write_text(markdown_report(results))
     return {
         "json": out_dir / "results.json",
@@ -321,9 +328,8 @@ def markdown_report(results: list[dict[str, Any]]) -> str:
         descriptions = [f"{s}: {e['description']}" for s, e in splits.items() if e["description"]]
         if descriptions:
             lines += ["", "Splits: " + "; ".join(descriptions) + "."]
-        plots = [entry.get("plot") for entry in splits.values() if entry.get("plot")]
-        if plots:
-            lines += [""] + [f"![{plot}]({plot})" for plot in plots]
+        if result.get("plot"):
+            lines += ["", f"![{result['plot']}]({result['plot']})"]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ and ``done`` (written last: the run finished).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -99,11 +100,22 @@ def find_runs_below(root: Path) -> list[Path]:
     )
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with NaN and infinities as None: strict JSON readers (jq, browsers) reject them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    """Write strict JSON through a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        json.dump(strict_json(data), handle, indent=2, sort_keys=True, allow_nan=False)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -150,7 +162,8 @@ def write_config(
         {
             "recipe": recipe,
             "preset": preset,
-            "data_dir": str(data_dir) if data_dir is not None else None,
+            # Absolute, so `cope eval RUN` works from any folder.
+            "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
             "config": config,
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe
 from recipes.engine import rundir
 from recipes.engine.checkpoint import load_checkpoint, load_model_state
+from recipes.engine.config import apply_layer
 from recipes.engine.trainer import (
     TrainObserver,
     TrainOptions,
@@ -34,13 +36,18 @@ class LoadedRun:
     device: torch.device
 
 
-def newest_run(out: Path, recipe: str, pe: str | None, finished_only: bool = True) -> Path:
-    """The newest (finished) run of a recipe and encoding under ``out``; a UserError if none."""
+def newest_run(
+    out: Path, recipe: str | None, pe: str | None, finished_only: bool = True
+) -> Path:
+    """The newest (finished) run of a recipe (any, when None) and encoding under ``out``.
+
+    A UserError when there is none.
+    """
     runs = rundir.find_runs(out, recipe, pe)
     if finished_only:
         runs = [run for run in runs if rundir.is_finished(run)]
     if not runs:
-        what = f"{recipe}/{pe}" if pe else recipe
+        what = "/".join(part for part in (recipe, pe) if part) or "any recipe"
         raise UserError(f"no finished run of {what} under {out}; train one with `cope train`")
     return runs[-1]
 
@@ -51,8 +58,12 @@ def load_run(
     device: str = "auto",
     data_dir: Path | None = None,
     download: bool = False,
+    data_options: Mapping[str, Any] | None = None,
 ) -> LoadedRun:
-    """Rebuild a run's data and model and load its best (else latest) weights."""
+    """Rebuild a run's data and model and load its best (else latest) weights.
+
+    ``data_options`` change ``data.*`` settings (e.g. a frame rate) for this load only.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
@@ -60,6 +71,7 @@ def load_run(
         raise UserError(f"{run_dir} is not a run directory (it has no {rundir.CONFIG_FILE})")
     recipe_name, config = rundir.read_config(run_dir)
     recipe = get_recipe(recipe_name)
+    config = with_data_options(config, data_options or {})
     weights = run_dir / rundir.BEST_FILE
     if not weights.is_file():
         weights = run_dir / rundir.CHECKPOINT_FILE
@@ -77,6 +89,19 @@ def load_run(
     return LoadedRun(run_dir, recipe, config, bundle, model, weights, target)
 
 
+def with_data_options(config: Config, data_options: Mapping[str, Any]) -> Config:
+    """A copy of a run's config with ``data.*`` keys changed, type-checked; other keys refused."""
+    changed = dict(config)
+    for key in data_options:
+        if not key.startswith("data."):
+            raise UserError(
+                f"--set {key}: only data.* options can change at evaluation "
+                "(the trained weights fix the model and training options)"
+            )
+    apply_layer(changed, data_options, "--set")
+    return changed
+
+
 def evaluate_run(
     run_dir: Path,
     splits: list[str] | None = None,
@@ -84,9 +109,10 @@ def evaluate_run(
     device: str = "auto",
     observer: TrainObserver | None = None,
     data_dir: Path | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best weights on the named splits (all when None); eval.json's shape."""
-    loaded = load_run(run_dir, device=device, data_dir=data_dir)
+    loaded = load_run(run_dir, device=device, data_dir=data_dir, data_options=data_options)
     results = evaluate_splits(
         loaded.model,
         loaded.bundle,
@@ -102,5 +128,6 @@ def evaluate_run(
         "seed": loaded.config["train.seed"],
         "metric": loaded.recipe.metric,
         "weights": loaded.weights.name,
+        "data_options": dict(data_options or {}),
         "splits": results,
     }

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-import typer.core
 
 from cope_cli.bench import bench_app
 from cope_cli.console import console, error_console
+from encoders.names import GATES, POSITION_ENCODINGS
+from recipes.engine.config import TRAIN_CHOICES
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -28,37 +29,6 @@ app = typer.Typer(
 )
 
 Command = TypeVar("Command", bound=Callable[..., Any])
-
-
-def registry_names() -> dict[str, str]:
-    """What option help lists, read from the registries that own it (this imports torch)."""
-    from encoders.cope import GATES
-    from encoders.positions import list_position_encodings
-    from recipes.engine.config import TRAIN_CHOICES
-
-    return {
-        "{pe_names}": ", ".join(list_position_encodings()),
-        "{gates}": ", ".join(GATES),
-        "{devices}": ", ".join(TRAIN_CHOICES["train.device"]),
-    }
-
-
-class RegistryHelp(typer.core.TyperCommand):
-    """A command whose option help names registry entries ({pe_names}, {gates}, {devices}).
-
-    They are filled in when help is shown, not when this module is imported: the registries
-    import torch, and ``import cope_cli.app`` must stay light (fast ``cope --help``).
-    """
-
-    def format_help(self, ctx: Any, formatter: Any) -> None:
-        names = registry_names()
-        for param in self.params:
-            text = getattr(param, "help", None)
-            if text and "{" in text:
-                for placeholder, value in names.items():
-                    text = text.replace(placeholder, value)
-                param.help = text
-        super().format_help(ctx, formatter)
 
 
 def fail(message: str) -> typer.Exit:
@@ -121,7 +91,10 @@ def main_options(
 # Options shared by `train` and `compare` (Annotated so both commands document them alike).
 PeOption = Annotated[
     str | None,
-    typer.Option(help="Position encoding (model.pe): {pe_names}. Default: the recipe's."),
+    typer.Option(
+        help=f"Position encoding (model.pe): {', '.join(POSITION_ENCODINGS)}. "
+        "Default: the recipe's."
+    ),
 ]
 SeedOption = Annotated[
     int | None, typer.Option(help="Training seed (init, data order). Default: 0.")
@@ -139,7 +112,9 @@ PresetOption = Annotated[
 ]
 DeviceOption = Annotated[
     str | None,
-    typer.Option(help="{devices} (auto: cuda when present). Default: auto."),
+    typer.Option(
+        help=f"{', '.join(TRAIN_CHOICES['train.device'])} (auto: cuda when present). Default: auto."
+    ),
 ]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
@@ -163,8 +138,8 @@ RecipeFileOption = Annotated[
 CopeGateOption = Annotated[
     str | None,
     typer.Option(
-        help="CoPE gate (model.cope_gate): {gates}; qk is the paper's, onset opens at changes "
-        "between neighbouring keys, token is a per-token head. Default: qk."
+        help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
+        "at changes between neighbouring keys, token is a per-token head. Default: qk."
     ),
 ]
 ForceOption = Annotated[
@@ -251,7 +226,7 @@ def recipes_command(
     console.print(table)
 
 
-@app.command("train", cls=RegistryHelp)
+@app.command("train")
 @user_errors
 def train_command(
     recipe: Annotated[
@@ -341,7 +316,7 @@ def _report_run(result: Any, title: str) -> None:
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
 
 
-@app.command("config", cls=RegistryHelp)
+@app.command("config")
 @user_errors
 def config_command(
     recipe: Annotated[
@@ -413,7 +388,7 @@ def _find_eval_target(target: str | None, pe: str | None, out: Path) -> Path:
     return newest_run(out, target, pe)
 
 
-@app.command("eval", cls=RegistryHelp)
+@app.command("eval")
 @user_errors
 def eval_command(
     target: Annotated[
@@ -475,7 +450,7 @@ def eval_command(
     console.print(f"run directory: {run_dir} ({result['weights']})", highlight=False)
 
 
-@app.command("compare", cls=RegistryHelp)
+@app.command("compare")
 @user_errors
 def compare_command(
     recipe: Annotated[
@@ -483,7 +458,10 @@ def compare_command(
     ] = None,
     pe: Annotated[
         str,
-        typer.Option(help="Comma-separated position encodings to compare, from: {pe_names}."),
+        typer.Option(
+            help="Comma-separated position encodings to compare, from: "
+            f"{', '.join(POSITION_ENCODINGS)}."
+        ),
     ] = "cope,rope,abs",
     seeds: Annotated[
         int, typer.Option(help="Seeds per encoding (0..N-1, from --seed).", min=1)
@@ -558,7 +536,7 @@ def _finish_grid(result: Any) -> None:
     print_files(result.files)
 
 
-@app.command("sweep", cls=RegistryHelp)
+@app.command("sweep")
 @user_errors
 def sweep_command(
     file: Annotated[Path, typer.Argument(help="Sweep file (TOML).", show_default=False)],

@@ -22,6 +22,8 @@ from recipes.engine.evaluate import metric_label, metric_value
 from recipes.engine.report import format_cell, split_heading
 from recipes.engine.trainer import TrainObserver
 
+PLAIN_LINES_PER_RUN = 20  # without a terminal (a batch-job log): a line per 5 % (on log steps)
+
 
 class RichObserver(TrainObserver):
     """Progress bars on a terminal (loss, step/s, ETA); plain lines otherwise."""
@@ -34,6 +36,8 @@ class RichObserver(TrainObserver):
         self.eval_tasks: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.start_step = 0
+        self.total_steps = 0
+        self.next_line_step = 0
 
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -41,6 +45,8 @@ class RichObserver(TrainObserver):
     def train_start(self, run_dir: Path, start_step: int, total_steps: int) -> None:
         self.console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
         self.started, self.start_step = time.perf_counter(), start_step
+        self.total_steps = total_steps
+        self.next_line_step = start_step + 1
         if not self.live:
             return
         self.progress = Progress(
@@ -61,12 +67,22 @@ class RichObserver(TrainObserver):
         )
 
     def train_step(self, step: int, loss: float | None, lr: float) -> None:
-        if self.progress is None:
-            return
         rate = (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, completed=step, rate=f"{rate:.1f}")
-        if loss is not None:  # the loss arrives on log steps (no device sync on the others)
-            self.progress.update(self.task, loss=f"{loss:.4f}")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, rate=f"{rate:.1f}")
+            if loss is not None:  # the loss arrives on log steps (no device sync on the others)
+                self.progress.update(self.task, loss=f"{loss:.4f}")
+            return
+        if loss is None or step < self.next_line_step:
+            return
+        every = max(1, self.total_steps // PLAIN_LINES_PER_RUN)
+        self.next_line_step = (step // every + 1) * every
+        left = (self.total_steps - step) / rate if rate > 0 else 0.0
+        self.console.print(
+            f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+            f"{rate:.1f} step/s eta {left:.0f}s",
+            highlight=False,
+        )
 
     def eval_progress(self, split: str, done: int, total: int) -> None:
         if self.progress is None:

@@ -197,9 +197,13 @@ def extract_archive(archive: Path, target: Path) -> Path:
     return target
 
 
+TORCHAUDIO_FOLDER = "SpeechCommands"  # torchaudio.datasets.SPEECHCOMMANDS puts FOLDER in here
+
+
 def find_root(data_dir: Path) -> Path | None:
-    """The Speech Commands folder: ``data_dir/speech_commands_v0.02`` or ``data_dir`` itself."""
-    for candidate in (data_dir / FOLDER, data_dir):
+    """The Speech Commands folder: ``data_dir/speech_commands_v0.02``, torchaudio's
+    ``data_dir/SpeechCommands/speech_commands_v0.02``, or ``data_dir`` itself."""
+    for candidate in (data_dir / FOLDER, data_dir / TORCHAUDIO_FOLDER / FOLDER, data_dir):
         if (candidate / "testing_list.txt").is_file():
             return candidate
     return None

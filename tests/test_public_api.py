@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import encoders
+from encoders.positions import list_position_encodings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -58,3 +60,21 @@ def test_readme_module_table_lists_exactly_the_modules_of_the_tree() -> None:
     }
     assert not listed - modules, f"README lists modules that do not exist: {listed - modules}"
     assert not modules - listed, f"README's module table lacks: {sorted(modules - listed)}"
+
+
+def test_names_module_matches_the_registries() -> None:
+    """encoders.names lets the CLI list names without torch; it must say what the registries say."""
+    from encoders import names
+    from encoders.cope_core import GATES
+
+    assert set(names.POSITION_ENCODINGS) == set(list_position_encodings())
+    assert names.GATES == GATES
+
+
+def test_public_names_resolve_lazily_to_their_modules() -> None:
+    from encoders import cope
+
+    assert encoders.cope_attention is cope.cope_attention
+    assert set(encoders.__all__) <= set(dir(encoders))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        encoders.nothing  # noqa: B018

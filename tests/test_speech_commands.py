@@ -190,6 +190,13 @@ def test_kwt1_preset_has_keyword_transformer_size(bundles) -> None:
     assert model(batch["inputs"], batch.get("padding_mask")).shape == (4, 12)
 
 
+def test_torchaudios_layout_is_found_without_downloading(tmp_path: Path) -> None:
+    folder = tmp_path / "SpeechCommands" / "speech_commands_v0.02"
+    speech_commands_tree(folder, words=("yes", "no", "cat"), per_word=(2, 1, 1))
+    assert speech_commands.find_root(tmp_path) == folder
+    assert SpeechCommands().locate(tmp_path, download=False) == folder
+
+
 def test_missing_data_is_a_user_error(tmp_path: Path) -> None:
     recipe = SpeechCommands()
     with pytest.raises(UserError, match="--data-dir"):

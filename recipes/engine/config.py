@@ -13,11 +13,14 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
-from recipes.base import Config, Recipe, UserError
+from recipes.errors import UserError
+
+if TYPE_CHECKING:  # recipes.base imports torch; the CLI's help reads TRAIN_CHOICES without it
+    from recipes.base import Config, Recipe
 
 
 def _choice(default: str, *others: str) -> Any:

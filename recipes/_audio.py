@@ -123,18 +123,25 @@ class FeatureSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> FeatureSettings:
-        """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys."""
-        kind = str(config.get("data.features", "mfcc"))
+        """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys.
+
+        Absent keys keep this class's defaults; an unset feature count is 40 for MFCC and 80
+        for log-mel (the recipes' conventional sizes).
+        """
+        default = cls()
+        kind = str(config.get("data.features", default.kind))
         n_features = int(config.get("data.n_features") or (40 if kind == "mfcc" else 80))
         # log-mel features are the mel bands themselves: data.n_mels only matters for MFCC
-        n_mels = n_features if kind == "logmel" else int(config.get("data.n_mels") or 40)
+        n_mels = (
+            n_features if kind == "logmel" else int(config.get("data.n_mels") or default.n_mels)
+        )
         return cls(
             kind=kind,
             n_features=n_features,
             n_mels=n_mels,
-            sample_rate=int(config.get("data.sample_rate", 16000)),
-            win_ms=float(config.get("data.win_ms", 30.0)),
-            hop_ms=float(config.get("data.hop_ms", 10.0)),
+            sample_rate=int(config.get("data.sample_rate", default.sample_rate)),
+            win_ms=float(config.get("data.win_ms", default.win_ms)),
+            hop_ms=float(config.get("data.hop_ms", default.hop_ms)),
         )
 
     @property

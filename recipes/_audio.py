@@ -12,6 +12,7 @@ the finished features, so later epochs never touch a waveform or an STFT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,9 +26,10 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from torch import nn
 from torch.utils.data import Dataset
 
-from recipes.base import Config, UserError
+from recipes.base import Config, Recipe, UserError, encoder_config
 from recipes.files import DamagedFile, load_verified, note, save_verified
 from recipes.folders import list_class_files
 from recipes.folders import read_list as read_list  # one parser for every list file
@@ -121,18 +123,25 @@ class FeatureSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> FeatureSettings:
-        """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys."""
-        kind = str(config.get("data.features", "mfcc"))
+        """Settings from ``data.features``, ``data.n_features``, ``data.n_mels``, ... keys.
+
+        Absent keys keep this class's defaults; an unset feature count is 40 for MFCC and 80
+        for log-mel (the recipes' conventional sizes).
+        """
+        default = cls()
+        kind = str(config.get("data.features", default.kind))
         n_features = int(config.get("data.n_features") or (40 if kind == "mfcc" else 80))
         # log-mel features are the mel bands themselves: data.n_mels only matters for MFCC
-        n_mels = n_features if kind == "logmel" else int(config.get("data.n_mels") or 40)
+        n_mels = (
+            n_features if kind == "logmel" else int(config.get("data.n_mels") or default.n_mels)
+        )
         return cls(
             kind=kind,
             n_features=n_features,
             n_mels=n_mels,
-            sample_rate=int(config.get("data.sample_rate", 16000)),
-            win_ms=float(config.get("data.win_ms", 30.0)),
-            hop_ms=float(config.get("data.hop_ms", 10.0)),
+            sample_rate=int(config.get("data.sample_rate", default.sample_rate)),
+            win_ms=float(config.get("data.win_ms", default.win_ms)),
+            hop_ms=float(config.get("data.hop_ms", default.hop_ms)),
         )
 
     @property
@@ -243,6 +252,31 @@ class Ragged:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"flat": self.flat, "offsets": self.offsets}
+
+
+class SpectrogramClassifier(Recipe):
+    """Recipes whose items are (frames, features) spectrograms with one class each.
+
+    The model is a FeatureFrontend (``info["stack"]`` frames per token), an encoder whose
+    ``max_len`` is raised to the data's longest item, and a SequenceClassifier.
+    """
+
+    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
+        from encoders.frontends import FeatureFrontend
+        from encoders.transformer import SequenceClassifier
+
+        encoder = encoder_config(config)
+        encoder = dataclasses.replace(encoder, max_len=max(encoder.max_len, info["max_len"]))
+        frontend = FeatureFrontend(info["feature_dim"], encoder.dim, stack=info["stack"])
+        return SequenceClassifier(frontend, encoder, info["num_classes"])
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
+        """The item's spectrogram (features, frames)."""
+        return {
+            "kind": "spectrogram",
+            "image": item["inputs"].T,
+            "tokens_per_frame": 1.0 / info.get("stack", 1),
+        }
 
 
 # ----------------------------------------------------------------------------- caching

@@ -38,6 +38,11 @@ VIDEO_MODEL_DEFAULTS = {
     "model.patch": 8,
     "model.spatial_pe": "none",  # "none" | "learned" (a (h, w) embedding for patch tokens)
 }
+VIDEO_PRESETS: dict[str, Config] = {
+    "tiny": {"model.dim": 32, "model.depth": 1, "model.heads": 2, "model.mlp_dim": 64},
+    "small": {},
+    "base": {"model.dim": 128, "model.depth": 4, "model.heads": 4, "model.mlp_dim": 256},
+}
 NPOS_CAP = 64  # default CoPE cap: above any count of events, far below patch-token counts
 
 

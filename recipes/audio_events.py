@@ -80,6 +80,13 @@ def parse_range(text: str | list[int] | tuple[int, int], name: str) -> tuple[int
     return low, high
 
 
+# EventSettings' fields that are data.* options (the analysis fields after them are fixed), and
+# which of them are ranges, written "low-high" in a config.
+OPTIONS = ("seed", "kinds", "events", "ood_events", "max_n", "questions", "event_ms", "gap_ms")
+OPTIONS += ("slow_factor", "train_size", "eval_size")
+RANGES = ("events", "ood_events", "event_ms", "gap_ms")
+
+
 @dataclasses.dataclass(frozen=True)
 class EventSettings:
     """Everything the generated data depends on (its hash keys the cache)."""
@@ -120,21 +127,30 @@ class EventSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> EventSettings:
-        event_ms = parse_range(config.get("data.event_ms", "40-400"), "data.event_ms")
-        gap_ms = parse_range(config.get("data.gap_ms", "30-150"), "data.gap_ms")
-        return cls(
-            seed=int(config.get("data.seed", 0)),
-            kinds=int(config.get("data.kinds", 6)),
-            events=parse_range(config.get("data.events", "2-5"), "data.events"),
-            ood_events=parse_range(config.get("data.ood_events", "8-10"), "data.ood_events"),
-            max_n=int(config.get("data.max_n", 2)),
-            questions=str(config.get("data.questions", "nth")),
-            event_ms=(float(event_ms[0]), float(event_ms[1])),
-            gap_ms=(float(gap_ms[0]), float(gap_ms[1])),
-            slow_factor=float(config.get("data.slow_factor", 2.0)),
-            train_size=int(config.get("data.train_size", 3000)),
-            eval_size=int(config.get("data.eval_size", 400)),
-        )
+        """The settings of a config's ``data.*`` options (absent ones keep the defaults)."""
+        default, values = cls(), {}
+        for name in OPTIONS:
+            key = f"data.{name}"
+            if key not in config:
+                continue
+            if name in RANGES:
+                low, high = parse_range(config[key], key)
+                kind = type(getattr(default, name)[0])
+                values[name] = (kind(low), kind(high))
+            else:
+                values[name] = type(getattr(default, name))(config[key])
+        return cls(**values)
+
+    @classmethod
+    def option_defaults(cls) -> Config:
+        """The recipe defaults of the data.* options (data.seed is the engine's)."""
+        default = cls()
+
+        def as_option(name: str) -> Any:
+            value = getattr(default, name)
+            return f"{value[0]:g}-{value[1]:g}" if name in RANGES else value
+
+        return {f"data.{name}": as_option(name) for name in OPTIONS if name != "seed"}
 
     @property
     def hop_length(self) -> int:
@@ -378,16 +394,7 @@ class AudioEvents(Recipe):
     data_source = "generated"
     metric = "accuracy"
     defaults: Config = {
-        "data.kinds": 6,
-        "data.events": "2-5",
-        "data.ood_events": "8-10",
-        "data.max_n": 2,
-        "data.questions": "nth",
-        "data.event_ms": "40-400",
-        "data.gap_ms": "30-150",
-        "data.slow_factor": 2.0,
-        "data.train_size": 3000,
-        "data.eval_size": 400,
+        **EventSettings.option_defaults(),
         "data.deltas": False,  # append delta and delta-delta features (issue 10: change cues)
         "model.dim": 64,
         "model.depth": 2,

@@ -15,8 +15,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from recipes import folders
 from recipes._audio import (
     AUDIO_EXTENSIONS,
@@ -26,6 +24,7 @@ from recipes._audio import (
     MelAnalyzer,
     Ragged,
     SpecAugmentSettings,
+    SpectrogramClassifier,
     advance,
     cached,
     centre,
@@ -38,10 +37,8 @@ from recipes._audio import (
 from recipes.base import (
     Config,
     DataBundle,
-    Recipe,
     Split,
     UserError,
-    encoder_config,
     pad_collate,
     register_recipe,
 )
@@ -121,7 +118,7 @@ def cached_features(
 
 
 @register_recipe
-class AudioFolder(Recipe):
+class AudioFolder(SpectrogramClassifier):
     """Any folder of class sub-folders of WAV/FLAC files."""
 
     name = "audio-folder"
@@ -187,19 +184,3 @@ class AudioFolder(Recipe):
             "test": Split(dataset("test"), description="test files"),
         }
         return DataBundle(dataset("train"), splits, pad_collate, info, len(cache["skipped"]))
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        from encoders.frontends import FeatureFrontend
-        from encoders.transformer import SequenceClassifier
-
-        encoder = encoder_config(config)
-        encoder = dataclasses.replace(encoder, max_len=max(encoder.max_len, info["max_len"]))
-        frontend = FeatureFrontend(info["feature_dim"], encoder.dim, stack=info["stack"])
-        return SequenceClassifier(frontend, encoder, info["num_classes"])
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
-        return {
-            "kind": "spectrogram",
-            "image": item["inputs"].T,
-            "tokens_per_frame": 1.0 / info.get("stack", 1),
-        }

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from recipes import folders
@@ -55,6 +54,7 @@ from recipes._audio import (
     MelAnalyzer,
     Ragged,
     SpecAugmentSettings,
+    SpectrogramClassifier,
     advance,
     cached,
     centre,
@@ -71,10 +71,8 @@ from recipes._audio import (
 from recipes.base import (
     Config,
     DataBundle,
-    Recipe,
     Split,
     UserError,
-    encoder_config,
     pad_collate,
     register_recipe,
 )
@@ -497,7 +495,7 @@ KWT_TRAINING: Config = {
 
 
 @register_recipe
-class SpeechCommands(Recipe):
+class SpeechCommands(SpectrogramClassifier):
     """Keyword spotting on Google Speech Commands v0.02 (35 words or 12 classes)."""
 
     name = "speech-commands"
@@ -654,19 +652,3 @@ class SpeechCommands(Recipe):
         }
         train = dataset(*selections["train"][:2], train=True)
         return DataBundle(train, splits, pad_collate, info, skipped=len(cache["skipped"]))
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        from encoders.frontends import FeatureFrontend
-        from encoders.transformer import SequenceClassifier
-
-        encoder = encoder_config(config)
-        encoder = dataclasses.replace(encoder, max_len=max(encoder.max_len, info["max_len"]))
-        frontend = FeatureFrontend(info["feature_dim"], encoder.dim, stack=info["stack"])
-        return SequenceClassifier(frontend, encoder, info["num_classes"])
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
-        return {
-            "kind": "spectrogram",
-            "image": item["inputs"].T,
-            "tokens_per_frame": 1.0 / info.get("stack", 1),
-        }

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from recipes import folders
 from recipes._video import (
     VIDEO_MODEL_DEFAULTS,
+    VIDEO_PRESETS,
     VIDEO_SUFFIXES,
     DecodeSettings,
     build_video_classifier,
@@ -95,11 +96,7 @@ class VideoFolder(Recipe):
         "train.batch_size": 16,
         "train.eval_every": 200,
     }
-    presets: dict[str, Config] = {
-        "tiny": {"model.dim": 32, "model.depth": 1, "model.heads": 2, "model.mlp_dim": 64},
-        "small": {},
-        "base": {"model.dim": 128, "model.depth": 4, "model.heads": 4, "model.mlp_dim": 256},
-    }
+    presets: dict[str, Config] = VIDEO_PRESETS
     default_preset = "small"
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:

@@ -495,3 +495,13 @@ def test_data_describes_a_generated_text_task_with_its_training_overlap() -> Non
     assert result.exit_code == 0, result.output
     assert "train 50, val 5, test 5" in result.output
     assert "evaluation items also in training: val 0, test 0, sparse 0, dense 0" in result.output
+
+
+def test_option_help_lists_what_the_registries_hold() -> None:
+    from encoders.cope import GATES
+    from encoders.positions import list_position_encodings
+
+    for command in ("train", "compare"):
+        text = " ".join(cope(command, "--help").output.split())
+        assert all(f" {name}," in text or f" {name}." in text for name in list_position_encodings())
+        assert all(gate in text for gate in GATES)

@@ -269,9 +269,7 @@ def train(
     recipe = get_recipe(recipe_name)
     device = resolve_device(config["train.device"], config)
     context = init_distributed(device)
-    if context.enabled and device.type == "cuda":
-        device = torch.device("cuda", context.local_rank)
-        torch.cuda.set_device(device)
+    device = context.device  # under torchrun on CUDA: this process's own GPU
     configure_threads(device, context)
 
     # Rank 0 decides; a refusal must reach every rank, or the others would wait forever.

@@ -50,6 +50,8 @@ ENGINE_DEFAULTS: Config = {
     "train.log_every": 10,
     "train.checkpoint_every": 0,  # 0: checkpoint at every evaluation
     "train.device": "auto",
+    "train.precision": "auto",  # auto: bf16 on CUDA, fp32 on CPU (recipes.engine.precision)
+    "train.workers": -1,  # DataLoader workers; -1: auto, 0: in the training process
     "data.seed": 0,
 }
 
@@ -66,6 +68,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "adam"),
     "train.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
 POSITIVE_INTS = ("train.batch_size", "train.eval_batch_size", "train.log_every", "model.dim")
@@ -84,7 +87,8 @@ NON_NEGATIVE = (
 )
 
 # Keys that may differ between a run and its resumption or reuse (they do not change results).
-VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every")
+# train.workers is one: every batch's random draws are seeded from its position (feeding.py).
+VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every", "train.workers")
 
 # Top-level keys of a recipe file that are not options.
 FILE_META_KEYS = ("recipe", "preset")
@@ -256,6 +260,8 @@ def validate_config(config: Config) -> None:
     for key in AT_LEAST_ONE_IF_SET:  # the encoders raise ValueError on these (a traceback)
         if config.get(key) is not None and config[key] < 1:
             raise UserError(f"{key} must be at least 1, got {config[key]!r}")
+    if config.get("train.workers", -1) < -1:
+        raise UserError(f"train.workers must be -1 (auto) or more, got {config['train.workers']!r}")
     dropout = config.get("model.dropout", 0.0)
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {dropout!r}")

@@ -44,12 +44,12 @@ from recipes.engine.distributed import (
     mean_across_ranks,
 )
 from recipes.engine.evaluate import (
-    autocast_context,
     evaluate,
     forward_batch,
     loss_and_counts,
-    move_batch,
 )
+from recipes.engine.feeding import BatchFeeder, auto_workers
+from recipes.engine.precision import autocast_context, make_grad_scaler, resolve_precision
 from recipes.engine.sampler import ResumableBatchSampler
 
 
@@ -270,6 +270,7 @@ def train(
     device = resolve_device(config["train.device"], config)
     context = init_distributed(device)
     device = context.device  # under torchrun on CUDA: this process's own GPU
+    precision = resolve_precision(config["train.precision"], device)
     configure_threads(device, context)
 
     # Rank 0 decides; a refusal must reach every rank, or the others would wait forever.
@@ -312,6 +313,7 @@ def train(
             config["train.schedule"], min(config["train.warmup_steps"], total_steps), total_steps
         ),
     )
+    scaler = make_grad_scaler(device, precision)  # fp16 only; a pass-through otherwise
     progress = {"step": 0, "best_accuracy": -math.inf, "best_step": -1, "evals_since_best": 0}
 
     if plan.run_dir is not None:
@@ -322,6 +324,8 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             sampler.load_state_dict(state["sampler"])
+            if state.get("scaler"):  # empty when the scaler is off
+                scaler.load_state_dict(state["scaler"])
             progress.update(state["progress"])
             per_rank = state.get("rng_per_rank")
             if per_rank is not None and len(per_rank) == context.world_size:
@@ -371,6 +375,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "progress": dict(progress),
                 "rng": rng_states[0],
             }
@@ -386,7 +391,15 @@ def train(
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    collate = bundle.collate or pad_collate
+    feeder = BatchFeeder(
+        bundle.train,
+        bundle.collate or pad_collate,
+        sampler,
+        device,
+        workers=auto_workers(config["train.workers"], device, context.world_size),
+        seed=config["train.seed"],
+        rank=context.rank,
+    )
     eval_every = config["train.eval_every"] or total_steps
     checkpoint_every = config["train.checkpoint_every"] or eval_every
     log_every = config["train.log_every"]
@@ -402,9 +415,8 @@ def train(
         stopped_early = patience > 0 and progress["evals_since_best"] >= patience
         with _StopRequest(options.handle_sigint) as stop:
             while progress["step"] < total_steps and not stopped_early:
-                batch = collate([bundle.train[index] for index in sampler.next_batch()])
-                batch = move_batch(batch, device)
-                with autocast_context(device):
+                batch = feeder.next_batch()
+                with autocast_context(device, precision):
                     logits = forward_batch(trained, batch)
                 loss, _, _ = loss_and_counts(logits, batch["targets"])
                 shared_loss = float(mean_across_ranks(loss.detach(), context))
@@ -415,10 +427,12 @@ def train(
                         "(try a lower train.lr or train.grad_clip)"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if config["train.grad_clip"] > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     nn.utils.clip_grad_norm_(trained.parameters(), config["train.grad_clip"])
-                optimizer.step()
+                scaler.step(optimizer)  # skipped by fp16's scaler when gradients overflowed
+                scaler.update()
                 scheduler.step()
                 progress["step"] += 1
                 step = progress["step"]
@@ -472,6 +486,7 @@ def train(
                     status = "interrupted" if interrupted else "stopped"
                     break
     finally:
+        feeder.close()
         metrics.close()
         if context.is_main:
             observer.train_end()
@@ -517,6 +532,7 @@ def _validate(
                 batch_size=config["train.eval_batch_size"],
                 device=device,
                 on_batch=lambda done, total: observer.eval_progress("val", done, total),
+                precision=config.get("train.precision", "auto"),
             )
         step = progress["step"]
         metrics.log({"kind": "eval", "split": "val", "step": step, **result})
@@ -596,6 +612,7 @@ def evaluate_splits(
                 batch_size=config["train.eval_batch_size"],
                 device=device,
                 on_batch=lambda done, total, name=name: observer.eval_progress(name, done, total),
+                precision=config.get("train.precision", "auto"),
             )
         observer.evaluation(-1, name, metrics)
         results[name] = {**metrics, "ood": split.ood, "description": split.description}

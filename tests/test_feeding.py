@@ -16,7 +16,7 @@ import torch
 from test_engine_support import ListDataset, TinyMajority, majority_items
 from torch.utils.data import Dataset
 
-from recipes.base import DataBundle, Split, get_recipe, pad_collate, register_recipe
+from recipes.base import DataBundle, get_recipe, pad_collate, register_recipe
 from recipes.engine.checkpoint import load_checkpoint
 from recipes.engine.config import resolve_config
 from recipes.engine.feeding import BatchFeeder, auto_workers, batch_seed

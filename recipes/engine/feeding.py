@@ -124,9 +124,7 @@ class BatchFeeder:
         prefetch: int = 4,
     ) -> None:
         self.sampler, self.device, self.workers, self.prefetch = sampler, device, workers, prefetch
-        self._builder = _BatchBuilder(
-            dataset, collate, seed, rank, restore_generators=workers == 0
-        )
+        self._builder = _BatchBuilder(dataset, collate, seed, rank, restore_generators=workers == 0)
         self._batches: Iterator[tuple[tuple[int, int], Batch]] | None = None
 
     def next_batch(self) -> Batch:

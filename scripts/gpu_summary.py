@@ -29,7 +29,10 @@ def steps(dest: Path) -> list[str]:
     path = dest / "steps.tsv"
     for row in path.read_text().splitlines() if path.is_file() else []:
         name, code, seconds = row.split("\t")
-        state = "ok" if code == "0" else ("TIMEOUT" if code == "124" else f"FAILED ({code})")
+        if code == "0" or code.startswith("skipped"):
+            state = "ok" if code == "0" else code
+        else:
+            state = "TIMEOUT" if code in ("124", "137") else f"FAILED ({code})"
         lines.append(f"| {name} | {state} | {seconds} |")
     return lines
 

@@ -82,7 +82,9 @@ def test_compiled_triton_matches_the_reference(length, batch, causal, dtype) -> 
         key_padding_mask=mask,
     )  # fmt: skip
     got = outputs_and_grads(triton, inputs, grad_out, causal=causal, key_padding_mask=mask)
-    limit = 1e-4 if dtype == torch.float32 else 3e-2
+    # fp32: tl.dot rounds its inputs to TF32 (10-bit mantissa) by default on Ampere and later,
+    # so ~1e-3 relative is expected; a wrong kernel is off by O(1).
+    limit = 5e-3 if dtype == torch.float32 else 3e-2
     for name, want, have in zip(("out", "dq", "dk", "dv", "dtable"), truth, got, strict=True):
         if mask is not None and name == "out":
             want, have = want[:, :, : length - length // 5], have[:, :, : length - length // 5]

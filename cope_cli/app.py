@@ -124,6 +124,21 @@ DeviceOption = Annotated[
         help=f"{', '.join(TRAIN_CHOICES['train.device'])} (auto: cuda when present). Default: auto."
     ),
 ]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        help="train.precision: bf16, fp16 (CUDA, with loss scaling) or fp32. "
+        "Default: auto (bf16 on CUDA, fp32 on CPU).",
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        help="train.workers: DataLoader worker processes building training batches; "
+        "0 builds them in the training process. Default: -1 (auto: workers on CUDA, none on CPU).",
+        min=-1,
+    ),
+]
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Root of the recipe's data (downloaded or folder recipes).")
 ]
@@ -176,6 +191,8 @@ def _resolve(
     device: str | None,
     sets: list[str] | None,
     cope_gate: str | None = None,
+    precision: str | None = None,
+    workers: int | None = None,
 ) -> tuple[str, str | None, dict[str, Any]]:
     """Recipe name, preset and the keyword arguments of resolve_config from CLI options."""
     from recipes.base import UserError
@@ -201,6 +218,8 @@ def _resolve(
         "train.steps": steps,
         "train.epochs": epochs if epochs is not None else (0 if steps is not None else None),
         "train.device": device,
+        "train.precision": precision,
+        "train.workers": workers,
     }
     set_options = dict(parse_set_option(text) for text in sets or [])
     return (
@@ -256,6 +275,8 @@ def train_command(
     epochs: EpochsOption = None,
     preset: PresetOption = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     out: OutOption = Path("runs"),
@@ -296,6 +317,7 @@ def train_command(
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
         epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
+        precision=precision, workers=workers,
     )  # fmt: skip
     recipe_obj = get_recipe(recipe_name)
     config = resolve_config(recipe_obj, preset=preset_name, **layers)
@@ -346,6 +368,8 @@ def config_command(
     epochs: EpochsOption = None,
     preset: PresetOption = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
     set_: SetOption = None,
     recipe_file: RecipeFileOption = None,
     json_output: Annotated[
@@ -366,6 +390,7 @@ def config_command(
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
         epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
+        precision=precision, workers=workers,
     )  # fmt: skip
     sources: dict[str, str] = {}
     recipe_obj = get_recipe(recipe_name)
@@ -489,6 +514,8 @@ def compare_command(
     epochs: EpochsOption = None,
     preset: PresetOption = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    workers: WorkersOption = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     out: OutOption = Path("runs"),
@@ -522,6 +549,7 @@ def compare_command(
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=None, seed=None, steps=steps,
         epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
+        precision=precision, workers=workers,
     )  # fmt: skip
     get_recipe(recipe_name)
     options = TrainOptions(

@@ -6,6 +6,7 @@ The commands only parse options, call :mod:`recipes.engine.bench` and render its
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -112,7 +113,10 @@ def attention(
     seq: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "256,1024,4096",
     impl: Annotated[
         str,
-        typer.Option(help="Paths, comma-separated: sdpa, reference, blockwise, triton."),
+        typer.Option(
+            help="Paths, comma-separated: sdpa, reference, blockwise, triton, flash "
+            "(SDPA's FlashAttention backend; CUDA, bfloat16/float16)."
+        ),
     ] = "sdpa,reference,blockwise,triton",
     batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
     heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
@@ -174,6 +178,17 @@ def train(
     set_options: Annotated[
         list[str] | None, typer.Option("--set", help="key=value config overrides.")
     ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data root of folder recipes (e.g. speech-commands).")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Feed each step as `cope train` does, with N DataLoader workers (0: in process), "
+            "and report data-wait and GPU-busy shares. Default: batches prepared beforehand.",
+            min=0,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Training throughput (examples/s) and peak memory of the whole model per encoding."""
@@ -192,11 +207,19 @@ def train(
         setting = TrainSetting(
             recipe=recipe, preset=preset, steps=steps, warmup=warmup, batch_size=batch_size,
             device=device, threads=threads, set_options=overrides,
+            data_dir=str(data_dir) if data_dir else None, workers=workers,
         )  # fmt: skip
 
         def progress(case: Any) -> None:
             if not as_json:
                 state = case.skipped or f"{case.examples_per_s:.1f} examples/s"
+                fed = case.extra if "data_wait_fraction" in case.extra else None
+                if fed and not case.skipped:  # --workers: how well the feeding keeps up
+                    state += f", data wait {fed['data_wait_fraction']:.0%}"
+                    if fed.get("gpu_busy") is not None:
+                        state += f", GPU busy {fed['gpu_busy']:.0%}"
+                    if fed.get("gpu_utilization") is not None:
+                        state += f", NVML utilisation {fed['gpu_utilization']:.0%}"
                 error_console.print(f"  {case.name}: {state}", highlight=False)
 
         results = bench_train(pes, setting, on_case=progress)

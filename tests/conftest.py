@@ -1,5 +1,10 @@
 """Shared test setup: every test starts from the same torch seed, so failures reproduce, and
-every cache the code would keep in the user's cache folder goes to a temporary one."""
+every cache the code would keep in the user's cache folder goes to a temporary one.
+
+Without CUDA, Triton runs in its interpreter (TRITON_INTERPRET=1, set here before anything
+imports Triton, which reads it at import), so tests/test_cope_triton.py can check the kernels
+on the CPU. With CUDA it is never set: the CUDA tests must compile the real kernels.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

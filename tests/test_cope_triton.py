@@ -1,8 +1,10 @@
 """The Triton CoPE kernels equal the reference, checked on CPU with Triton's interpreter.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined; :mod:`encoders.cope_triton`
-defines them on first use, so setting it here, at import, is enough. Sizes stay small: the
-interpreter runs the kernels in NumPy, one program at a time.
+These run only without CUDA, where tests/conftest.py has set TRITON_INTERPRET=1 before Triton
+was first imported (Triton reads it at import and when kernels are defined, so it cannot be
+switched on for one module). With a GPU the variable is never set and the compiled kernels
+are tested instead (tests/test_cuda.py). Sizes stay small: the interpreter runs the kernels
+in NumPy, one program at a time.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton", reason="Triton is not installed")
 
 from encoders.cope import cope_attention, reference_cope_attention  # noqa: E402
 from encoders.cope_triton import triton_cope_attention  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = [
+    pytest.mark.skipif(
+        torch.cuda.is_available(), reason="with CUDA the compiled kernels are tested (test_cuda.py)"
+    ),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (conftest)"
+    ),
+]
+DEVICE = "cpu"
 
 
 def make_inputs(length, npos, *, causal, batch=2, heads=2, dim=8, per_head=False, scale=1.0):

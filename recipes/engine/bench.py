@@ -25,7 +25,7 @@ from typing import Any
 
 from recipes.base import UserError
 
-ATTENTION_PATHS = ("sdpa", "reference", "blockwise", "triton")
+ATTENTION_PATHS = ("sdpa", "reference", "blockwise", "triton", "flash")  # flash: SDPA's, CUDA
 # Bytes the reference keeps per (B, H, T, T) element over forward + backward (float32 scores,
 # gates, positions, weights, two int64 index tensors, two gathered logits, their gradients):
 # calibrated from its measured peak at T=1024 (about 150 MiB for B=1, H=4), rounded up.
@@ -178,6 +178,11 @@ def attention_step(path: str, setting: AttentionSetting, length: int) -> Any:
             tensor.grad = None
         if path == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=setting.causal)
+        elif path == "flash":  # FlashAttention itself: fails rather than fall back
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=setting.causal)
         else:
             out = cope_attention(q, k, v, table, causal=setting.causal, impl=path)  # type: ignore[arg-type]
         out.backward(grad_out)
@@ -213,6 +218,8 @@ def _skip_reason(path: str, setting: AttentionSetting, length: int) -> str | Non
         estimate = reference_estimate_gib(setting, length)
         if estimate > REFERENCE_LIMIT_GIB:
             return f"skipped (est. {estimate:.1f} GiB)"
+    if path == "flash" and (setting.device == "cpu" or setting.dtype == "float32"):
+        return "skipped (needs CUDA and bfloat16/float16)"
     if path == "triton":
         from encoders.cope_triton import triton_available
 
@@ -302,6 +309,8 @@ class TrainSetting:
     device: str = "cpu"
     threads: int | None = None
     set_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None  # folder recipes (speech-commands) read their tree here
+    workers: int | None = None  # None: batches prepared beforehand; N: fed as in training
 
 
 def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
@@ -328,7 +337,9 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
         config["data.train_size"] = needed  # generated recipes: build only what is trained on
     device = torch.device(setting.device)
     seed_everything(0)
-    bundle = recipe.build_data(config, None, False)
+    bundle = recipe.build_data(config, Path(setting.data_dir) if setting.data_dir else None, False)
+    if setting.workers is not None:
+        return _fed_train_case(pe, setting, recipe, config, bundle, device)
     collate = bundle.collate or pad_collate
     size = len(bundle.train)  # type: ignore[arg-type]
     batches = [
@@ -370,6 +381,38 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
             "parameters": sum(p.numel() for p in model.parameters()),
             "npos": config.get("model.npos"),
         },
+    )
+
+
+def _fed_train_case(
+    pe: str, setting: TrainSetting, recipe: Any, config: dict, bundle: Any, device: Any
+) -> CaseResult:
+    """Training steps fed by the engine's BatchFeeder (see :mod:`recipes.engine.feed_bench`)."""
+    from recipes.base import pad_collate
+    from recipes.engine.feed_bench import measure_fed_training
+    from recipes.engine.feeding import BatchFeeder
+    from recipes.engine.sampler import ResumableBatchSampler
+    from recipes.engine.trainer import make_optimizer
+
+    batch_size = int(config["train.batch_size"])
+    sampler = ResumableBatchSampler(len(bundle.train), batch_size, 0)
+    feeder = BatchFeeder(
+        bundle.train, bundle.collate or pad_collate, sampler, device, workers=setting.workers or 0
+    )
+    model = recipe.build_model(config, bundle.info).to(device)
+    optimizer = make_optimizer(model, config)
+    with _PeakMemory(device) as memory:
+        fed = measure_fed_training(
+            model, optimizer, feeder, steps=setting.steps, warmup=setting.warmup,
+            precision=config["train.precision"],
+        )  # fmt: skip
+    return CaseResult(
+        pe,
+        None,
+        time_ms=fed["step_ms"],
+        peak_mib=memory.rise / 2**20,
+        examples_per_s=batch_size / (fed["step_ms"] / 1e3),
+        extra={"batch_size": batch_size, "precision": config["train.precision"], **fed},
     )
 
 

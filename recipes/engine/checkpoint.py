@@ -1,9 +1,10 @@
 """Checkpoints: written atomically with a content digest, loaded with ``weights_only=True``.
 
-A training checkpoint holds the model, optimiser and scheduler states, the step, the RNG states
-of python, numpy and torch (as tensors and lists, so no pickled objects are needed), the data
-sampler's position and the early-stopping state; that is everything a resumed run needs to
-continue bit for bit.
+A training checkpoint holds the model, optimiser and scheduler states, the fp16 loss scaler's
+state (empty for bf16/fp32), the step, the RNG states of python, numpy and torch (as tensors and
+lists, so no pickled objects are needed), the data sampler's position and the early-stopping
+state; that is everything a resumed run needs to continue bit for bit. (Batches draw their
+random numbers from seeds derived from the sampler position, see ``feeding.py``.)
 """
 
 from __future__ import annotations

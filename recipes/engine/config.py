@@ -52,6 +52,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: checkpoint at every evaluation
     device: str = _choice("auto", "cpu", "cuda")
+    precision: str = _choice("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 on CPU
+    workers: int = -1  # DataLoader workers; -1: auto, 0: in the training process
 
     @classmethod
     def from_config(cls, config: Config) -> TrainConfig:
@@ -100,7 +102,8 @@ NON_NEGATIVE = (
 )
 
 # Keys that may differ between a run and its resumption or reuse (they do not change results).
-VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every")
+# train.workers is one: every batch's random draws are seeded from its position (feeding.py).
+VOLATILE_KEYS = ("train.device", "train.eval_batch_size", "train.log_every", "train.workers")
 
 # Top-level keys of a recipe file that are not options.
 FILE_META_KEYS = ("recipe", "preset")
@@ -279,6 +282,8 @@ def validate_config(config: Config) -> None:
     for key in AT_LEAST_ONE_IF_SET:  # the encoders raise ValueError on these (a traceback)
         if config.get(key) is not None and config[key] < 1:
             raise UserError(f"{key} must be at least 1, got {config[key]!r}")
+    if config.get("train.workers", -1) < -1:
+        raise UserError(f"train.workers must be -1 (auto) or more, got {config['train.workers']!r}")
     dropout = config.get("model.dropout", 0.0)
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {dropout!r}")

@@ -1,14 +1,16 @@
 """Process-group helpers: the same `cope train` runs alone or under `torchrun` (DDP).
 
 Only rank 0 writes (run directory, checkpoints, metrics); decisions that every rank must share
-(which run directory, whether to stop) are broadcast from rank 0.
+(which run directory, whether to stop) are broadcast from rank 0. Every collective gets its
+tensors on the process's own device (:attr:`DistContext.device`): NCCL, the backend on CUDA,
+refuses CPU tensors, and gloo (CPU) refuses CUDA ones.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -40,17 +43,24 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(device: torch.device) -> DistContext:
-    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA), if any."""
+    """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA), if any.
+
+    On CUDA each process takes GPU ``LOCAL_RANK`` and makes it the current device before the
+    group exists, because NCCL's object collectives (``gather_object``) use the current device.
+    """
     if not launched_by_torchrun():
-        return DistContext()
+        return DistContext(device=device)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_shutdown)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def _shutdown() -> None:
@@ -63,7 +73,7 @@ def broadcast(value: Any, context: DistContext) -> Any:
     if not context.enabled:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, device=context.device)
     return holder[0]
 
 
@@ -80,7 +90,7 @@ def mean_across_ranks(value: torch.Tensor, context: DistContext) -> torch.Tensor
     """The average of a scalar tensor over ranks (the same number on every rank)."""
     if not context.enabled:
         return value
-    reduced = value.detach().clone()
+    reduced = value.detach().to(context.device, copy=True)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced / context.world_size
 
@@ -89,7 +99,7 @@ def any_rank(flag: bool, context: DistContext) -> bool:
     """Whether ``flag`` is true on any rank (e.g. Ctrl-C reached only some processes)."""
     if not context.enabled:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
@@ -97,4 +107,6 @@ def any_rank(flag: bool, context: DistContext) -> bool:
 def barrier(context: DistContext) -> None:
     """Wait for every rank."""
     if context.enabled:
-        dist.barrier()
+        # NCCL otherwise guesses the device from the rank (and warns it may hang).
+        device_ids = [context.device.index or 0] if context.device.type == "cuda" else None
+        dist.barrier(device_ids=device_ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,13 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from recipes.base import IGNORE_INDEX, pad_collate
-
-
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (CoPE keeps its gate path in float32 itself); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from recipes.engine.precision import autocast_context
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -92,6 +85,7 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     on_batch: Callable[[int, int], None] | None = None,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Accuracy, mean loss and number of answers of ``model`` on ``dataset``."""
     was_training = model.training
@@ -101,7 +95,7 @@ def evaluate(
     try:
         for index, batch in enumerate(iterate_batches(dataset, collate, batch_size)):
             batch = move_batch(batch, device)
-            with autocast_context(device):
+            with autocast_context(device, precision):
                 logits = forward_batch(model, batch)
             loss, batch_correct, batch_count = loss_and_counts(logits, batch["targets"])
             total_loss += float(loss) * batch_count

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recipes.base import Config, DataBundle, Recipe, UserError, pad_collate
+from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe, pad_collate
 from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
@@ -47,14 +47,9 @@ from recipes.engine.distributed import (
     init_distributed,
     mean_across_ranks,
 )
-from recipes.engine.evaluate import (
-    answer_count,
-    answer_loss,
-    autocast_context,
-    evaluate,
-    forward_batch,
-    move_batch,
-)
+from recipes.engine.evaluate import answer_loss, evaluate, forward_batch
+from recipes.engine.feeding import BatchFeeder, auto_workers
+from recipes.engine.precision import autocast_context, make_grad_scaler, resolve_precision
 from recipes.engine.sampler import ResumableBatchSampler
 from recipes.files import remove_stale_temporaries
 
@@ -342,10 +337,8 @@ class Trainer:
         self.progress = Progress()
         device = resolve_device(self.settings.device, config)
         self.context = init_distributed(device)
-        if self.context.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.context.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = device = self.context.device  # under torchrun on CUDA: this rank's GPU
+        self.precision = resolve_precision(self.settings.precision, device)
         configure_threads(device, self.context)
 
     # -- the run ---------------------------------------------------------------------------
@@ -415,6 +408,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(settings.schedule, warmup, self.total_steps)
         )
+        self.scaler = make_grad_scaler(self.device, self.precision)  # fp16 only; else pass-through
+        self.feeder = BatchFeeder(
+            self.bundle.train,
+            self.bundle.collate or pad_collate,
+            self.sampler,
+            self.device,
+            workers=auto_workers(settings.workers, self.device, context.world_size),
+            seed=settings.seed,
+            rank=context.rank,
+        )
 
     def restore(self, run_dir: Path) -> None:
         """Continue ``run_dir`` from its checkpoint: weights, optimiser, sampler, RNG streams."""
@@ -426,6 +429,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
+            if state.get("scaler"):  # empty when the scaler is off
+                self.scaler.load_state_dict(state["scaler"])
             self.progress = Progress(**state["progress"])
             per_rank = state.get("rng_per_rank")
             if per_rank is not None and len(per_rank) == self.context.world_size:
@@ -505,24 +510,24 @@ class Trainer:
                         return status
             return "finished"
         finally:
+            self.feeder.close()
             self.metrics.close()
             if self.is_main:
                 self.observer.train_end()
 
     def step(self) -> int:
         """One optimiser step; the loss stays on the device. Returns the new step number."""
-        batch = self.bundle.collate or pad_collate
-        batch = batch([self.bundle.train[index] for index in self.sampler.next_batch()])
-        count = answer_count(batch["targets"])  # from the host copy: no device sync
-        batch = move_batch(batch, self.device)
-        with autocast_context(self.device):
+        batch, count = self.feeder.next_batch()  # count from the host copy: no device sync
+        with autocast_context(self.device, self.precision):
             logits = forward_batch(self.trained, batch)
         loss = answer_loss(logits, batch["targets"], count)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.settings.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.trained.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped by fp16's scaler when gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.progress.step += 1
         self.window.add(mean_across_ranks(loss.detach(), self.context), self.progress.step)
@@ -605,6 +610,7 @@ class Trainer:
                     batch_size=self.settings.eval_batch_size,
                     device=self.device,
                     on_batch=lambda done, total: self.observer.eval_progress("val", done, total),
+                    precision=self.precision,
                 )
             self.metrics.log({"kind": "eval", "split": "val", "step": step, **result})
             self.observer.evaluation(step, "val", result)
@@ -637,6 +643,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
             "rng": rng_states[0],
         }
@@ -667,12 +674,14 @@ class Trainer:
 
 
 def train(
-    recipe: Recipe,
+    recipe: Recipe | str,
     config: Config,
     options: TrainOptions | None = None,
     observer: TrainObserver | None = None,
 ) -> RunResult:
-    """Train (or resume, or reuse) one run of ``recipe`` with a resolved ``config``."""
+    """Train (or resume, or reuse) one run of ``recipe`` (or the recipe of that name) with a
+    resolved ``config``."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     return Trainer(recipe, config, options, observer).run()
 
 
@@ -735,6 +744,7 @@ def evaluate_splits(
                 batch_size=config["train.eval_batch_size"],
                 device=device,
                 on_batch=lambda done, total, name=name: observer.eval_progress(name, done, total),
+                precision=config.get("train.precision", "auto"),
             )
         observer.evaluation(-1, name, metrics)
         results[name] = {**metrics, "ood": split.ood, "description": split.description}

@@ -612,14 +612,20 @@ def positions_command(
 def data_command(
     recipe: Annotated[str, typer.Argument(help="Recipe name.", show_default=False)],
     root: Annotated[Path, typer.Option(help="Where to put the dataset.")] = Path("data"),
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Write a generated recipe's data as a folder tree in this layout."),
+    ] = None,
 ) -> None:
-    """Fetch a recipe's dataset into ROOT (recipes with data source 'download').
+    """Fetch a recipe's dataset into ROOT, or write a generated one as a folder tree (--layout).
 
-    Example: cope data speech-commands --root data/
+    Examples: cope data speech-commands --root data/;
+    cope data spoken-words --layout speech-commands --root data/
     """
     from recipes.base import get_recipe
 
-    path = get_recipe(recipe).download(root)
+    chosen = get_recipe(recipe)
+    path = chosen.download(root) if layout is None else chosen.export(root, layout)
     console.print(f"data ready in [bold]{path}[/]", highlight=False)
 
 

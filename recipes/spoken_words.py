@@ -77,7 +77,7 @@ SPEECH_COMMANDS_WORDS = (
 ACCENTS = "en,en-us,en-gb-scotland,en-gb-x-rp,en-029,en-gb-x-gbclan,en-gb-x-gbcwmd,en-us-nyc"
 VARIANTS = "m1,m2,m3,m4,m5,m6,f1,f2,f3,klatt,klatt2,klatt4"
 UNSEEN_VARIANTS = "m7,m8,f4,f5,klatt3,klatt5"
-RATE_STEP, PITCH_STEP = 10, 10  # the word bank's grid (words per minute, eSpeak pitch units)
+RATE_STEP, PITCH_STEP = 20, 20  # the word bank's grid (words per minute, eSpeak pitch units)
 SILENCE_DB = -40.0  # trimming: 5 ms frames this far below the loudest frame are silence
 BANK_VERSION = 1  # bump when synthesis or trimming changes, so old word banks are not reused
 GENERATOR_VERSION = 1  # bump when clip composition changes
@@ -133,7 +133,7 @@ class WordSettings:
     hop_ms: float = 10.0
 
     def __post_init__(self) -> None:
-        from recipes._espeak import MAX_PITCH, MAX_RATE, MIN_PITCH, MIN_RATE, espeak
+        from recipes._espeak import MAX_PITCH, MAX_RATE, MIN_PITCH, MIN_RATE, check_voice
 
         if self.questions not in ("nth", "count", "both"):
             raise UserError(f"data.questions must be nth, count or both, not {self.questions!r}")
@@ -160,9 +160,8 @@ class WordSettings:
                 f"data.variants and data.unseen_variants share {', '.join(sorted(shared))}; "
                 "unseen voices must be new"
             )
-        engine = espeak()
         for voice in self.voices(self.variants) + self.voices(self.unseen_variants):
-            engine.check_voice(voice)
+            check_voice(voice)
 
     @classmethod
     def from_config(cls, config: Config) -> WordSettings:
@@ -224,7 +223,7 @@ class WordSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Utterance:
-    """One word said once: what the word bank is keyed by."""
+    """One word said once: a word of the vocabulary and how it is said."""
 
     word: str
     voice: str
@@ -232,8 +231,9 @@ class Utterance:
     pitch: int
 
     @property
-    def key(self) -> str:
-        return f"{self.word}|{self.voice}|{self.rate}|{self.pitch}"
+    def group(self) -> str:
+        """The word bank's key: every vocabulary word is synthesised with these settings."""
+        return f"{self.voice}|{self.rate}|{self.pitch}"
 
 
 def trim_silence(wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -253,42 +253,54 @@ def resampler(from_rate: int, to_rate: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(from_rate, to_rate)
 
 
-def synthesize(utterance: Utterance, sample_rate: int) -> torch.Tensor:
-    """One word as float32 at ``sample_rate``, trimmed, peak 1."""
-    from recipes._espeak import espeak
+def synthesize_group(
+    vocabulary: tuple[str, ...], voice: str, rate: int, pitch: int, sample_rate: int
+) -> dict[str, torch.Tensor]:
+    """Every vocabulary word said with one voice, rate and pitch: float32, trimmed, peak 1.
 
-    engine = espeak()
-    raw = engine.synthesize(utterance.word, utterance.voice, utterance.rate, utterance.pitch)
-    wave = torch.from_numpy(raw.astype(np.float32) / 32768.0)
-    wave = resampler(engine.sample_rate, sample_rate)(wave)
-    wave = torch.from_numpy(trim_silence(wave.numpy(), sample_rate).copy())
-    return wave / wave.abs().max().clamp_min(1e-6)
-
-
-_BANKS: dict[str, dict[str, torch.Tensor]] = {}
-
-
-def word_bank(root: Path, utterances: Iterable[Utterance], sample_rate: int) -> dict[str, Any]:
-    """Waveforms of ``utterances`` by key, synthesising only those not yet in the bank.
-
-    The bank (``root/spoken-words/words-<hash>.pt``, float16 waveforms) grows as new
-    (word, voice, rate, pitch) combinations are asked for and is saved when it grew.
+    The words are said in vocabulary order by a fresh synthesizer (see :mod:`recipes._espeak`),
+    so the result depends on these arguments only.
     """
-    from recipes._espeak import espeak
+    from recipes._espeak import synthesize_words
+
+    raw, raw_rate = synthesize_words(list(vocabulary), voice, rate, pitch)
+    words = {}
+    for word, samples in zip(vocabulary, raw, strict=True):
+        wave = resampler(raw_rate, sample_rate)(torch.from_numpy(samples / 32768.0).float())
+        wave = torch.from_numpy(trim_silence(wave.numpy(), sample_rate).copy())
+        words[word] = wave / wave.abs().max().clamp_min(1e-6)
+    return words
+
+
+_BANKS: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+
+def word_bank(
+    root: Path, vocabulary: tuple[str, ...], utterances: Iterable[Utterance], sample_rate: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{voice|rate|pitch: {word: waveform}} covering ``utterances``, synthesising what is new.
+
+    The bank (``root/spoken-words/words-<hash>.pt``, float16 waveforms, one per vocabulary and
+    eSpeak NG version) grows as new (voice, rate, pitch) settings are asked for and is saved
+    when it grew.
+    """
+    from recipes._espeak import version
 
     key = settings_hash(
-        {"version": BANK_VERSION, "espeak": espeak().version, "sample_rate": sample_rate}
+        {"version": BANK_VERSION, "espeak": version(), "rate": sample_rate, "words": vocabulary}
     )
     path = root / "spoken-words" / f"words-{key}.pt"
     bank = _BANKS.get(str(path))
     if bank is None:
         bank = torch.load(path, weights_only=True) if path.exists() else {}
         _BANKS[str(path)] = bank
-    missing = {u.key: u for u in utterances if u.key not in bank}
+    missing = sorted({u.group: u for u in utterances if u.group not in bank}.values(),
+                     key=lambda u: u.group)  # fmt: skip
     if missing:
         with progress_bar("synthesising spoken words", len(missing)) as bar, single_thread():
-            for name, utterance in sorted(missing.items()):
-                bank[name] = synthesize(utterance, sample_rate).to(torch.float16)
+            for u in missing:
+                words = synthesize_group(vocabulary, u.voice, u.rate, u.pitch, sample_rate)
+                bank[u.group] = {word: wave.to(torch.float16) for word, wave in words.items()}
                 advance(bar)
         atomic_save(bank, path)
     return bank
@@ -359,10 +371,10 @@ def plan_clip(settings: WordSettings, split: str, index: int) -> ClipPlan:
 
 def render_clip(plan: ClipPlan, bank: dict[str, Any]) -> tuple[torch.Tensor, list[Event]]:
     """Background noise plus every word at its onset; the words as events (kind = word id)."""
-    waves = [bank[u.key].float() for u in plan.utterances]
+    waves = [bank[u.group][u.word].float() for u in plan.utterances]
     length = sum(plan.gaps) + sum(len(w) for w in waves) + plan.tail
     rng = np.random.default_rng(plan.noise_seed)
-    noise_level = rng.uniform(0.003, 0.02)
+    noise_level = rng.uniform(0.001, 0.008)
     clip = torch.from_numpy((rng.standard_normal(length) * noise_level).astype(np.float32))
     events, cursor = [], 0
     for word, gap, wave, amplitude in zip(
@@ -418,7 +430,7 @@ def generate_all(settings: WordSettings, root: Path) -> dict[str, Any]:
         for index in range(size)
         for u in plan_clip(settings, name, index).utterances
     ]
-    bank = word_bank(root, utterances, settings.sample_rate)
+    bank = word_bank(root, settings.vocabulary, utterances, settings.sample_rate)
     with progress_bar("composing spoken-words clips", sum(sizes.values())) as bar:
         return {name: generate_split(name, settings, bank, bar) for name in SPLITS}
 
@@ -578,42 +590,38 @@ def write_speech_commands_tree(
         "val": list(val_variants),
         "test": list(settings.unseen_variants),
     }
-    rate = settings.sample_rate
-    plans = []  # (split, word, voice, repeat, utterance)
+    sample_rate = settings.sample_rate
+    plans = []  # (split, word, repeat, utterance, generator)
     for split, variants in split_variants.items():
         for voice in settings.voices(variants):
-            for word in words:
-                for repeat in range(per_speaker):
-                    rng = np.random.default_rng(
-                        [settings.seed, int(speaker_id(voice), 16), words.index(word), repeat]
-                    )
-                    utterance = Utterance(
-                        word,
-                        voice,
-                        grid(rng, *settings.rate, RATE_STEP),
-                        grid(rng, *settings.pitch, PITCH_STEP),
-                    )
-                    plans.append((split, word, voice, repeat, utterance, rng))
+            for repeat in range(per_speaker):
+                # one rate and pitch per speaker and session (repeat), as a person records
+                rng = np.random.default_rng([settings.seed, int(speaker_id(voice), 16), repeat])
+                rate = grid(rng, *settings.rate, RATE_STEP)
+                pitch = grid(rng, *settings.pitch, PITCH_STEP)
+                for word in words:
+                    utterance = Utterance(word, voice, rate, pitch)
+                    plans.append((split, word, repeat, utterance, rng))
     target = root / LAYOUT_FOLDER
-    bank = word_bank(root, (plan[4] for plan in plans), rate)
+    bank = word_bank(root, words, (plan[3] for plan in plans), sample_rate)
     lists: dict[str, list[str]] = {"val": [], "test": []}
     with progress_bar(f"writing {target}", len(plans)) as bar:
-        for split, word, voice, repeat, utterance, rng in plans:
-            wave = bank[utterance.key].float().numpy()[:rate]
-            clip = rng.standard_normal(rate).astype(np.float32) * rng.uniform(0.001, 0.005)
-            offset = int(rng.integers(rate - len(wave) + 1))
+        for split, word, repeat, utterance, rng in plans:
+            wave = bank[utterance.group][word].float().numpy()[:sample_rate]
+            clip = rng.standard_normal(sample_rate).astype(np.float32) * rng.uniform(0.001, 0.005)
+            offset = int(rng.integers(sample_rate - len(wave) + 1))
             clip[offset : offset + len(wave)] += float(rng.uniform(0.3, 0.8)) * wave
-            relative = f"{word}/{speaker_id(voice)}_nohash_{repeat}.wav"
+            relative = f"{word}/{speaker_id(utterance.voice)}_nohash_{repeat}.wav"
             (target / word).mkdir(parents=True, exist_ok=True)
-            soundfile.write(target / relative, clip, rate, subtype="PCM_16")
+            soundfile.write(target / relative, clip, sample_rate, subtype="PCM_16")
             if split in lists:
                 lists[split].append(relative)
             advance(bar)
     noise_folder = target / "_background_noise_"
     noise_folder.mkdir(exist_ok=True)
     for seed, kind in enumerate(("white", "pink", "brown")):
-        noise = background_noise(kind, NOISE_SECONDS, rate, settings.seed * 10 + seed)
-        soundfile.write(noise_folder / f"{kind}_noise.wav", noise, rate, subtype="PCM_16")
+        noise = background_noise(kind, NOISE_SECONDS, sample_rate, settings.seed * 10 + seed)
+        soundfile.write(noise_folder / f"{kind}_noise.wav", noise, sample_rate, subtype="PCM_16")
     (target / "validation_list.txt").write_text("".join(f"{p}\n" for p in sorted(lists["val"])))
     (target / "testing_list.txt").write_text("".join(f"{p}\n" for p in sorted(lists["test"])))
     return target

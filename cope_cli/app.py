@@ -619,8 +619,9 @@ def data_command(
 ) -> None:
     """Fetch a recipe's dataset into ROOT, or write a generated one as a folder tree (--layout).
 
-    Examples: cope data speech-commands --root data/;
-    cope data spoken-words --layout speech-commands --root data/
+    Example: cope data speech-commands --root data/
+
+    Example: cope data spoken-words --layout speech-commands --root sc/
     """
     from recipes.base import get_recipe
 

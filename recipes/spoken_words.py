@@ -116,7 +116,7 @@ class WordSettings:
     accents: tuple[str, ...] = tuple(ACCENTS.split(","))
     variants: tuple[str, ...] = tuple(VARIANTS.split(","))
     unseen_variants: tuple[str, ...] = tuple(UNSEEN_VARIANTS.split(","))
-    words: tuple[int, int] = (2, 5)  # K, words per clip
+    words: tuple[int, int] = (2, 4)  # K, words per clip
     ood_words: tuple[int, int] = (7, 9)
     max_n: int = 2
     questions: str = "nth"  # "nth" | "count" | "both"
@@ -179,7 +179,7 @@ class WordSettings:
             unseen_variants=parse_list(
                 config.get("data.unseen_variants", UNSEEN_VARIANTS), "data.unseen_variants"
             ),
-            words=ints("data.words", "2-5"),
+            words=ints("data.words", "2-4"),
             ood_words=ints("data.ood_words", "7-9"),
             max_n=int(config.get("data.max_n", 2)),
             questions=str(config.get("data.questions", "nth")),

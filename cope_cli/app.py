@@ -715,21 +715,30 @@ def data_command(
     root: Annotated[Path, typer.Option(help="Where to put the dataset.")] = Path("data"),
     preset: PresetOption = None,
     set_: SetOption = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Write a generated recipe's data as a folder tree in this layout."),
+    ] = None,
 ) -> None:
-    """Fetch a recipe's dataset into ROOT, or describe a generated recipe's splits.
+    """Fetch a recipe's dataset into ROOT, write a generated one as a folder tree (--layout), or
+    describe a generated recipe's splits.
 
     Generated recipes: the size of each split and, for the text tasks, how many of its items
     also occur in training (0 with data.dedup, the default).
 
-    Example: cope data speech-commands --root data/ ; cope data counting --set data.num_vars=3
+    Example: cope data speech-commands --root data/
+
+    Example: cope data spoken-words --layout speech-commands --root sc/
+
+    Example: cope data counting --set data.num_vars=3
     """
     from recipes.base import get_recipe
     from recipes.engine.config import resolve_config
     from recipes.engine.trainer import describe_overlap
 
     recipe_obj = get_recipe(recipe)
-    if recipe_obj.data_source != "generated":
-        path = recipe_obj.download(root)
+    if layout is not None or recipe_obj.data_source != "generated":
+        path = recipe_obj.download(root) if layout is None else recipe_obj.export(root, layout)
         console.print(f"data ready in [bold]{path}[/]", highlight=False)
         return
     _, preset_name, layers = _resolve(

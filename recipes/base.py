@@ -83,6 +83,10 @@ class Recipe:
         """Fetch the recipe's dataset into ``data_dir`` (``--download``, ``cope data``)."""
         raise UserError(f"recipe {self.name!r} has nothing to download")
 
+    def export(self, root: Path, layout: str) -> Path:
+        """Write the recipe's data under ``root`` as a folder tree in ``layout`` (``cope data``)."""
+        raise UserError(f"recipe {self.name!r} cannot write a {layout!r} layout")
+
     def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
         """What ``cope positions`` draws beside the heatmaps for one dataset item, or None.
 

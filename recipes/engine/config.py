@@ -62,7 +62,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("pre", "post"),
     "model.pooling": ("cls", "mean"),
-    "model.cope_impl": ("auto", "reference", "blockwise", "triton"),
+    "model.cope_impl": ("auto", "reference", "blockwise", "triton", "fused"),
     "train.optimizer": ("adamw", "adam"),
     "train.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),

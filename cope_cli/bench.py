@@ -144,6 +144,13 @@ def attention(
     repeats: Annotated[int, typer.Option(help="Timed runs per case (median).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs per case first.")] = 2,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--in-process",
+            help="A fresh process per case (exact peak memory) or all in this one (faster).",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     save: Annotated[
         Path | None, typer.Option(help="Also write the JSON document (with the command) here.")
@@ -180,7 +187,9 @@ def attention(
             error_console.print(f"  T={case.length} {case.name}: {state}", highlight=False)
 
     try:
-        results = bench_attention(lengths, _names(impl), setting, on_case=progress)
+        results = bench_attention(
+            lengths, _names(impl), setting, isolate=isolate and device == "cpu", on_case=progress
+        )
     except UserError as error:
         raise _fail(str(error)) from None
     from dataclasses import asdict

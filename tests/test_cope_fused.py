@@ -13,7 +13,7 @@ from encoders.cope_cpu import fused_cope_attention, kernel_available, library_pa
 from encoders.cope_reference import reference_cope_attention
 
 needs_kernel = pytest.mark.skipif(
-    not kernel_available(), reason="CPU kernel not built (make install / python -m encoders.cope_cpu)"
+    not kernel_available(), reason="CPU kernel not built (run make install)"
 )
 GATES = ("qk", "onset", "token")
 
@@ -124,7 +124,8 @@ def test_fused_float32_as_accurate_as_the_float32_reference(causal):
     reference = run(reference_cope_attention, single, kwargs, "qk", grad_out.float())
     fused = run(fused_cope_attention, single, kwargs, "qk", grad_out.float())
     assert fused[0].dtype == torch.float32
-    for name, want, ref, got in zip(("out", "dq", "dk", "dv", "dtable"), exact, reference, fused):
+    names = ("out", "dq", "dk", "dv", "dtable")
+    for name, want, ref, got in zip(names, exact, reference, fused, strict=True):
         reference_err = (ref.double() - want).abs().max().item()
         fused_err = (got.double() - want).abs().max().item()
         assert fused_err <= max(2e-5, 10 * reference_err), (name, fused_err, reference_err)
@@ -169,7 +170,7 @@ def fake_table(**ms_per_head: list[float]) -> dict:
 
 def test_auto_picks_the_path_with_the_lowest_calibrated_cost(monkeypatch):
     monkeypatch.setattr(cope, "kernel_available", lambda: True)
-    table = fake_table(reference=[1.0, 30.0], blockwise=[2.0, 10.0], fused=[1.5, 20.0])
+    table = fake_table(reference=[1.0, 30.0], blockwise=[2.0, 10.0], fused=[1.2, 12.0])
     monkeypatch.setattr(cope, "calibration", lambda: table)
     assert cope.select_impl(torch.zeros(8, 4, 64, 16), "auto") == "reference"
     assert cope.select_impl(torch.zeros(8, 4, 256, 16), "auto", causal=False) == "blockwise"
@@ -196,7 +197,8 @@ def test_without_the_kernel_auto_falls_back_to_pytorch_and_equals_the_reference(
     for gate in ("qk", "onset"):
         gate_keys = onset_keys(k) if gate == "onset" else None
         out = cope.cope_attention(q, k, v, table, gate=gate, gate_keys=gate_keys, **kwargs)
-        expected = reference_cope_attention(q, k, v, table, gate=gate, gate_keys=gate_keys, **kwargs)
+        gate_inputs = {"gate": gate, "gate_keys": gate_keys}
+        expected = reference_cope_attention(q, k, v, table, **gate_inputs, **kwargs)
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 

@@ -308,6 +308,8 @@ def calibration_table(document: dict[str, Any], previous: dict[str, Any]) -> dic
     ]
     times = {(c["name"], c["length"]): c["time_ms"] for c in document["cases"]}
     entry = {
+        "command": document.get("command"),
+        "commit": document.get("commit"),
         "setting": setting,
         "lengths": lengths,
         "ms_per_head": {

@@ -41,6 +41,25 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def _provenance() -> dict[str, Any]:
+    """What a saved benchmark records about itself: the command, the commit, the machine."""
+    import shlex
+    import subprocess
+    import sys
+
+    from recipes.engine.bench import environment
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    command = "cope " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    return {"command": command, "commit": commit, "environment": environment()}
+
+
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -114,10 +133,10 @@ def attention(
     impl: Annotated[
         str,
         typer.Option(
-            help="Paths, comma-separated: sdpa, reference, blockwise, triton, flash "
+            help="Paths, comma-separated: sdpa, reference, blockwise, fused, triton, flash "
             "(SDPA's FlashAttention backend; CUDA, bfloat16/float16)."
         ),
-    ] = "sdpa,reference,blockwise,triton",
+    ] = "sdpa,reference,blockwise,fused,triton",
     batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
     heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
     dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
@@ -128,10 +147,32 @@ def attention(
     repeats: Annotated[int, typer.Option(help="Timed runs per case (median).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs per case first.")] = 2,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--in-process",
+            help="A fresh process per case (exact peak memory) or all in this one (faster).",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the JSON document (with the command) here.")
+    ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the times into this calibration table for impl='auto' "
+            "(encoders/cope_calibration.json; other direction kept)."
+        ),
+    ] = None,
 ) -> None:
     """Forward+backward time and peak memory of each attention path at each length."""
-    from recipes.engine.bench import AttentionSetting, bench_attention, environment, results_json
+    from recipes.engine.bench import (
+        AttentionSetting,
+        bench_attention,
+        calibration_table,
+        results_json,
+    )
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -149,14 +190,20 @@ def attention(
             error_console.print(f"  T={case.length} {case.name}: {state}", highlight=False)
 
     try:
-        results = bench_attention(lengths, _names(impl), setting, on_case=progress)
+        results = bench_attention(
+            lengths, _names(impl), setting, isolate=isolate and device == "cpu", on_case=progress
+        )
     except UserError as error:
         raise _fail(str(error)) from None
     from dataclasses import asdict
 
-    document = results_json(
-        results, "sdpa", {"setting": asdict(setting), "environment": environment()}
-    )
+    document = results_json(results, "sdpa", {"setting": asdict(setting), **_provenance()})
+    if save:
+        save.write_text(json.dumps(document, indent=2) + "\n")
+    if calibrate:
+        previous = json.loads(calibrate.read_text()) if calibrate.exists() else {}
+        table = calibration_table(document, previous)
+        calibrate.write_text(json.dumps(table, indent=2) + "\n")
     if as_json:
         print(json.dumps(document, indent=2))
     else:
@@ -190,11 +237,14 @@ def train(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the JSON document (with the command) here.")
+    ] = None,
 ) -> None:
     """Training throughput (examples/s) and peak memory of the whole model per encoding."""
     from dataclasses import asdict
 
-    from recipes.engine.bench import TrainSetting, bench_train, environment, results_json
+    from recipes.engine.bench import TrainSetting, bench_train, results_json
     from recipes.engine.config import parse_set_option
 
     if steps < 1 or warmup < 0:
@@ -226,9 +276,9 @@ def train(
     except UserError as error:
         raise _fail(str(error)) from None
     baseline = "abs" if "abs" in pes else pes[0]
-    document = results_json(
-        results, baseline, {"setting": asdict(setting), "environment": environment()}
-    )
+    document = results_json(results, baseline, {"setting": asdict(setting), **_provenance()})
+    if save:
+        save.write_text(json.dumps(document, indent=2) + "\n")
     if as_json:
         print(json.dumps(document, indent=2))
     else:

@@ -8,14 +8,22 @@ Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719); the math
 - ``"blockwise"``: memory-linear, FlashAttention-style walk over key blocks
   (:mod:`encoders.cope_blockwise`).
 - ``"triton"``: the blockwise algorithm as a fused GPU kernel (:mod:`encoders.cope_triton`).
+- ``"fused"``: one C++ CPU kernel per query row, forward and backward, built by the install
+  step (:mod:`encoders.cope_cpu`); the fastest CPU path at the lengths our models use.
+- ``"auto"``: the cheapest available path by a committed calibration table of measured costs
+  (:func:`select_impl`).
 
-Only the reference computes the gate variants ``"onset"`` and ``"token"``:
-:func:`cope_attention` routes them there whatever ``impl`` says. This module imports the
+The gate variants ``"onset"`` and ``"token"`` run on the reference or the fused kernel: with
+``impl="blockwise"`` or ``"triton"`` they run on the reference. This module imports the
 implementations; they import only :mod:`encoders.cope_core`, never each other.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,6 +39,7 @@ from encoders.cope_core import (
     onset_keys,
     table_size,
 )
+from encoders.cope_cpu import fused_cope_attention, kernel_available
 from encoders.cope_reference import cope_gates, cope_positions, reference_cope_attention
 from encoders.cope_triton import triton_available, triton_cope_attention
 
@@ -51,25 +60,77 @@ __all__ = [
     "table_size",
 ]
 
-Impl = Literal["auto", "reference", "blockwise", "triton"]
-IMPLS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton")
+Impl = Literal["auto", "reference", "blockwise", "triton", "fused"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "blockwise", "triton", "fused")
 
 
-# When the blockwise path beats the reference (forward + backward, CPU, measured on 2 CPUs):
-# from T=64 once the batch holds enough (query, key) pairs for its per-tile overhead to pay
-# off, e.g. B*H=128 at T=64 (1.1x faster), B*H=8 at T=256 (1.2x), B*H=4 at T=512 (2x).
-BLOCKWISE_MIN_LENGTH_CPU = 64
-BLOCKWISE_MIN_PAIRS_CPU = 1 << 19
+# Where the measured costs of the CPU paths live: written by `cope bench attention --calibrate`
+# (README, "Performance"), read by select_impl. Format: {"command", "machine", ...,
+# "causal"/"bidirectional": {"lengths": [T, ...], "ms_per_head": {impl: [ms, ...]}}}, the median
+# forward+backward time of one (batch, head) slice at each length.
+CALIBRATION = Path(__file__).with_name("cope_calibration.json")
+# The reference keeps about 40 bytes per (B, H, T, T) element over forward + backward: auto
+# never picks it above this estimate, whatever its time.
+REFERENCE_BYTES_PER_PAIR = 40
+REFERENCE_MAX_BYTES = 1 << 30
 # On CUDA without Triton the reference's fused kernels win until its (B, H, T, T) tensors
 # get large.
 BLOCKWISE_MIN_LENGTH_GPU = 2048
 
 
-def select_impl(q: Tensor, impl: str) -> str:
-    """Resolve ``impl="auto"``: Triton on CUDA when installed, else blockwise for long inputs.
+@functools.cache
+def calibration() -> dict:
+    """The committed calibration table (empty if the file is missing)."""
+    if not CALIBRATION.exists():
+        return {}
+    return json.loads(CALIBRATION.read_text())
 
-    The reference stays the choice for short sequences, where its few large operations cost
-    less than the blockwise path's per-tile overhead.
+
+def measured_cost(impl: str, length: int, causal: bool) -> float | None:
+    """Calibrated ms per (batch, head) slice of ``impl`` at ``length``, or None if unmeasured.
+
+    Log-linear interpolation between the measured lengths; beyond them the time is scaled as
+    T^2 from the nearest one.
+    """
+    table = calibration().get("causal" if causal else "bidirectional")
+    if not table or impl not in table["ms_per_head"]:
+        return None
+    points = [
+        (t, ms)
+        for t, ms in zip(table["lengths"], table["ms_per_head"][impl], strict=True)
+        if ms is not None
+    ]
+    if not points:
+        return None
+    if length <= points[0][0] or length >= points[-1][0]:
+        t, ms = points[0] if length <= points[0][0] else points[-1]
+        return ms * (length / t) ** 2
+    for (t0, ms0), (t1, ms1) in zip(points, points[1:], strict=False):
+        if t0 <= length <= t1:
+            f = math.log(length / t0) / math.log(t1 / t0)
+            return math.exp((1 - f) * math.log(ms0) + f * math.log(ms1))
+    return None
+
+
+def cpu_candidates(q: Tensor, gate: str = "qk") -> list[str]:
+    """The CPU implementations that can run this call (the fused kernel only when built)."""
+    candidates = ["reference"]
+    if gate == "qk":
+        candidates.append("blockwise")
+    if kernel_available():
+        candidates.append("fused")
+    pairs = q[..., 0].numel() * q.shape[-2]  # B * H * T * T
+    if pairs * REFERENCE_BYTES_PER_PAIR > REFERENCE_MAX_BYTES and len(candidates) > 1:
+        candidates.remove("reference")
+    return candidates
+
+
+def select_impl(q: Tensor, impl: str, *, causal: bool = True, gate: str = "qk") -> str:
+    """Resolve ``impl="auto"`` to the implementation with the lowest calibrated cost.
+
+    On CPU: the fastest of the candidates (:func:`cpu_candidates`) by the committed calibration
+    table at this length; uncalibrated paths are tried last (fused, then blockwise). On CUDA:
+    Triton when installed, else the reference up to BLOCKWISE_MIN_LENGTH_GPU, then blockwise.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown CoPE implementation {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -77,13 +138,18 @@ def select_impl(q: Tensor, impl: str) -> str:
         return impl
     length = q.shape[-2]
     if q.is_cuda:
-        if triton_available():
+        if triton_available() and gate == "qk":
             return "triton"
+        if gate != "qk":
+            return "reference"
         return "blockwise" if length >= BLOCKWISE_MIN_LENGTH_GPU else "reference"
-    pairs = q[..., 0].numel() * length  # B * H * T * T
-    if length >= BLOCKWISE_MIN_LENGTH_CPU and pairs >= BLOCKWISE_MIN_PAIRS_CPU:
-        return "blockwise"
-    return "reference"
+    fallback_order = ["fused", "blockwise", "reference"]
+
+    def cost(candidate: str) -> tuple[float, int]:
+        measured = measured_cost(candidate, length, causal)
+        return (math.inf if measured is None else measured, fallback_order.index(candidate))
+
+    return min(cpu_candidates(q, gate), key=cost)
 
 
 def cope_attention(
@@ -104,7 +170,8 @@ def cope_attention(
     q, k, v: (B, H, T, D); pos_emb: (npos, D) shared by heads or (H, npos, D) per head, with
     2*npos-1 rows when ``causal=False``; key_padding_mask: (B, T), True marks padding.
     ``gate``: "qk" (the paper's), "onset" (needs ``gate_keys``, e.g. :func:`onset_keys` of k)
-    or "token" (needs ``gate_logits`` (B, H, T)); the last two always run the reference.
+    or "token" (needs ``gate_logits`` (B, H, T)); blockwise and triton know only "qk", so the
+    other gates run on the reference when one of them is asked for.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
@@ -114,31 +181,20 @@ def cope_attention(
     if pos_emb.shape[-1] != q.shape[-1] or pos_emb.dim() not in (2, 3):
         raise ValueError(f"pos_emb must be (rows, {q.shape[-1]}) or (H, rows, {q.shape[-1]})")
     check_gate_inputs(q, gate, gate_keys, gate_logits)
-    if gate != "qk":
-        # Only the reference knows the gate variants (the fast paths fuse the qk gate); still
-        # validate impl so a typo fails the same way for every gate.
-        select_impl(q, impl)
-        return reference_cope_attention(
-            q,
-            k,
-            v,
-            pos_emb,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            gate=gate,
-            gate_keys=gate_keys,
-            gate_logits=gate_logits,
+    chosen = select_impl(q, impl, causal=causal, gate=gate)
+    mask = key_padding_mask
+    gate_inputs = {"gate": gate, "gate_keys": gate_keys, "gate_logits": gate_logits}
+    if chosen == "fused":
+        return fused_cope_attention(
+            q, k, v, pos_emb, causal=causal, key_padding_mask=mask, **gate_inputs
         )
-    chosen = select_impl(q, impl)
-    if chosen == "reference":
+    if chosen == "reference" or gate != "qk":
         return reference_cope_attention(
-            q, k, v, pos_emb, causal=causal, key_padding_mask=key_padding_mask
+            q, k, v, pos_emb, causal=causal, key_padding_mask=mask, **gate_inputs
         )
     if chosen == "blockwise":
-        return blockwise_cope_attention(
-            q, k, v, pos_emb, causal=causal, key_padding_mask=key_padding_mask
-        )
-    return triton_cope_attention(q, k, v, pos_emb, causal=causal, key_padding_mask=key_padding_mask)
+        return blockwise_cope_attention(q, k, v, pos_emb, causal=causal, key_padding_mask=mask)
+    return triton_cope_attention(q, k, v, pos_emb, causal=causal, key_padding_mask=mask)
 
 
 class CoPE(nn.Module):

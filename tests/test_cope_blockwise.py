@@ -190,11 +190,8 @@ def test_cope_attention_dispatches_to_blockwise():
     torch.testing.assert_close(out, reference_cope_attention(q, k, v, table), rtol=0, atol=1e-10)
 
 
-def test_auto_picks_blockwise_for_long_cpu_sequences_and_reference_for_tiny_ones():
-    long_q = torch.zeros(1, 1, 1024, 8)
+def test_select_impl_keeps_an_explicit_choice_and_rejects_unknown_names():
     tiny_q = torch.zeros(1, 1, 16, 8)
-    assert select_impl(long_q, "auto") == "blockwise"
-    assert select_impl(tiny_q, "auto") == "reference"
     assert select_impl(tiny_q, "blockwise") == "blockwise"
     with pytest.raises(ValueError, match="reference"):
         select_impl(tiny_q, "fast")

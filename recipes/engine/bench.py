@@ -25,7 +25,7 @@ from typing import Any
 
 from recipes.base import UserError
 
-ATTENTION_PATHS = ("sdpa", "reference", "blockwise", "triton", "flash")  # flash: SDPA's, CUDA
+ATTENTION_PATHS = ("sdpa", "reference", "blockwise", "fused", "triton", "flash")  # flash: CUDA
 # Bytes the reference keeps per (B, H, T, T) element over forward + backward (float32 scores,
 # gates, positions, weights, two int64 index tensors, two gathered logits, their gradients):
 # calibrated from its measured peak at T=1024 (about 150 MiB for B=1, H=4), rounded up.
@@ -220,6 +220,13 @@ def _skip_reason(path: str, setting: AttentionSetting, length: int) -> str | Non
             return f"skipped (est. {estimate:.1f} GiB)"
     if path == "flash" and (setting.device == "cpu" or setting.dtype == "float32"):
         return "skipped (needs CUDA and bfloat16/float16)"
+    if path == "fused":
+        from encoders.cope_cpu import kernel_available
+
+        if setting.device != "cpu":
+            return "skipped (CPU kernel)"
+        if not kernel_available():
+            return "skipped (kernel not built)"
     if path == "triton":
         from encoders.cope_triton import triton_available
 
@@ -292,6 +299,36 @@ def bench_attention(
             if on_case:
                 on_case(result)
     return results
+
+
+def calibration_table(document: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The dispatcher's calibration table (see ``encoders.cope.CALIBRATION``) from a benchmark.
+
+    Each CoPE path's time is divided by B * H (ms per (batch, head) slice); the run's direction
+    replaces that direction's entry of ``previous`` and keeps the other.
+    """
+    setting = document["setting"]
+    slices = setting["batch"] * setting["heads"]
+    lengths = sorted({case["length"] for case in document["cases"]})
+    paths = [
+        p for p in ATTENTION_PATHS if p != "sdpa" and any(c["name"] == p for c in document["cases"])
+    ]
+    times = {(c["name"], c["length"]): c["time_ms"] for c in document["cases"]}
+    entry = {
+        "command": document.get("command"),
+        "commit": document.get("commit"),
+        "setting": setting,
+        "lengths": lengths,
+        "ms_per_head": {
+            path: [
+                None if times.get((path, t)) is None else times[(path, t)] / slices for t in lengths
+            ]
+            for path in paths
+        },
+    }
+    direction = "causal" if setting["causal"] else "bidirectional"
+    meta = {key: document[key] for key in ("command", "commit", "environment") if key in document}
+    return {**previous, **meta, direction: entry}
 
 
 # --------------------------------------------------------------------------- training
@@ -476,6 +513,18 @@ def results_json(results: list[CaseResult], baseline: str, meta: dict[str, Any])
     return {**meta, "baseline": baseline, "cases": cases}
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts that the numbers depend on."""
     import platform
@@ -483,6 +532,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     return {
+        "machine": _cpu_model() or platform.machine(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),

@@ -156,6 +156,18 @@ def test_training_outside_a_terminal_prints_a_plain_progress_line_every_5_percen
     assert all("step/s eta" in line for line in progress)
 
 
+def test_training_logs_to_tensorboard_by_default(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "tiny-majority", "--pe", "abs", "--steps", "20", "--out", tmp_path]
+    assert cope(*args, "--set", "train.log_every=5", "--set", "train.eval_every=10").exit_code == 0
+    (run,) = rundir.find_runs(tmp_path)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert [event.step for event in events.Scalars("eval/val/accuracy")] == [10, 20]
+
+
 def test_saved_data_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mydata").mkdir()
@@ -340,6 +352,8 @@ def test_report_rebuilds_tables_from_run_directories(tmp_path: Path) -> None:
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| abs | 1 |" in markdown and "| nope | 1 |" in markdown
     assert (tmp_path / "report" / "plot.png").is_file()
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 1000  # learning curves
+    assert "![curves.png](curves.png)" in markdown
 
 
 def test_positions_draws_heatmaps_of_a_cope_run(tmp_path: Path) -> None:

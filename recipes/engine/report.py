@@ -1,8 +1,9 @@
 """Tables, files and plots from finished runs: mean +- std and a 95% t-interval per split.
 
 ``results.json`` (everything, per run and aggregated), ``results.csv`` (one row per group,
-encoding and split), ``plot.png`` (splits x encodings, 95% interval as error bars)
-and ``report.md`` (markdown tables). `cope compare`, `cope sweep` and `cope report` all end here.
+encoding and split), ``plot.png`` (splits x encodings, 95% interval as error bars),
+``curves.png`` (learning curves) and ``report.md`` (markdown tables). `cope compare`,
+`cope sweep` and `cope report` all end here.
 
 Replicates: one entry per (configuration, encoding, seed), the newest finished run; repeats of
 a seed (a ``--force`` rerun) are listed as left out, never averaged as further seeds.
@@ -428,6 +429,49 @@ def plot_group(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's learning curves from metrics.jsonl: train loss and val accuracy against step."""
+    curves: dict[str, list[tuple[int, float]]] = {"loss": [], "val": []}
+    for record in rundir.read_metrics(run_dir):
+        if record.get("kind") == "train" and record.get("loss") is not None:
+            curves["loss"].append((record["step"], record["loss"]))
+        elif record.get("kind") == "eval" and record.get("split") == "val":
+            curves["val"].append((record["step"], record["accuracy"]))
+    return curves
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> Path:
+    """Learning curves of a group: train loss and val metric against step, one colour per
+    encoding, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axes, val_axes) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    first_split = next(iter(result["splits"].values()))
+    for index, pe in enumerate(result["pes"]):
+        colour = colours[index % len(colours)]
+        for number, run in enumerate(first_split["by_pe"].get(pe, {}).get("runs", [])):
+            curves = read_curves(Path(run))
+            label = pe if number == 0 else None
+            for axes, name in ((loss_axes, "loss"), (val_axes, "val")):
+                if curves[name]:
+                    steps, values = zip(*curves[name], strict=True)
+                    if name == "val":
+                        values = tuple(metric_value(value, result["metric"]) for value in values)
+                    axes.plot(steps, values, color=colour, alpha=0.8, linewidth=1, label=label)
+    loss_axes.set(xlabel="step", ylabel="train loss", yscale="log")
+    val_axes.set(xlabel="step", ylabel=f"val {result['metric_label']}")
+    val_axes.legend(fontsize=8, frameon=False)
+    figure.suptitle(result["title"], fontsize=9)
+    figure.tight_layout()
+    write_atomic(path, lambda stream: figure.savefig(stream, dpi=110, format="png"))
+    plt.close(figure)
+    return path
+
+
 def provenance() -> dict[str, Any]:
     """What made this report: the command line, the code's git commit and the machine."""
     import os
@@ -470,6 +514,9 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
         path = out_dir / f"plot{suffix}.png"
         plots.append(plot_group(result, path))
         result["plot"] = path.name
+        curves = out_dir / f"curves{suffix}.png"
+        plots.append(plot_curves(result, curves))
+        result["curves"] = curves.name
     write_text_atomic(out_dir / "report.md", markdown_report(results, made_by))
     return {
         "json": out_dir / "results.json",
@@ -521,8 +568,9 @@ def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | Non
         descriptions = [f"{s}: {e['description']}" for s, e in splits.items() if e["description"]]
         if descriptions:
             lines += ["", "Splits: " + "; ".join(descriptions) + "."]
-        if result.get("plot"):
-            lines += ["", f"![{result['plot']}]({result['plot']})"]
+        for figure in (result.get("plot"), result.get("curves")):
+            if figure:
+                lines += ["", f"![{figure}]({figure})"]
     return "\n".join(lines) + "\n"
 
 

@@ -134,8 +134,12 @@ class _PeakMemory:
             self.rise = _peak_rss_bytes() - self.base
 
 
-def _timed(step: Any, repeats: int, warmup: int, device: Any) -> list[float]:
-    """Seconds of each timed call of ``step`` after ``warmup`` untimed ones."""
+def _timed(step: Any, repeats: int, warmup: int, device: Any) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each timed call of ``step`` after ``warmup`` untimed ones.
+
+    CPU time (all threads of this process) is what other jobs on a shared machine disturb least:
+    wall time also counts the waits for a CPU.
+    """
     import torch
 
     def sync() -> None:
@@ -144,14 +148,15 @@ def _timed(step: Any, repeats: int, warmup: int, device: Any) -> list[float]:
 
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def attention_step(path: str, setting: AttentionSetting, length: int) -> Any:
@@ -197,13 +202,13 @@ def run_attention_case(path: str, setting: AttentionSetting, length: int) -> Cas
     attention_step(path, setting, min(length, 16))()
     step = attention_step(path, setting, length)
     with _PeakMemory(device) as memory:
-        times = _timed(step, setting.repeats, setting.warmup, device)
+        times, cpu_times = _timed(step, setting.repeats, setting.warmup, device)
     return CaseResult(
         path,
         length,
         time_ms=statistics.median(times) * 1e3,
         peak_mib=memory.rise / 2**20,
-        extra={"times_ms": [t * 1e3 for t in times]},
+        extra={"times_ms": [t * 1e3 for t in times], "cpu_ms": statistics.median(cpu_times) * 1e3},
     )
 
 
@@ -393,7 +398,7 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
         optimizer.step()
 
     with _PeakMemory(device) as memory:
-        times = _timed(step, setting.steps, setting.warmup, device)
+        times, cpu_times = _timed(step, setting.steps, setting.warmup, device)
     tokens = sum(int(batch["inputs"].shape[1]) for batch in batches) / len(batches)
     return CaseResult(
         pe,
@@ -406,6 +411,7 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
             "mean_tokens": tokens,
             "parameters": sum(p.numel() for p in model.parameters()),
             "npos": config.get("model.npos"),
+            "cpu_ms": statistics.median(cpu_times) * 1e3,
         },
     )
 
@@ -455,6 +461,7 @@ def ratios(results: list[CaseResult], baseline: str) -> dict[tuple[str, int | No
             "time": ratio(result.time_ms, ref.time_ms),
             "memory": ratio(result.peak_mib, ref.peak_mib),
             "throughput": ratio(result.examples_per_s, ref.examples_per_s),
+            "cpu_time": ratio(result.extra.get("cpu_ms"), ref.extra.get("cpu_ms")),
         }
     return out
 

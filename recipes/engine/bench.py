@@ -302,29 +302,31 @@ def bench_attention(
 def calibration_table(document: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """The dispatcher's calibration table (see ``encoders.cope.CALIBRATION``) from a benchmark.
 
-    Each CoPE path's time is divided by B * H (ms per (batch, head) slice); the run's direction
-    replaces that direction's entry of ``previous`` and keeps the other.
+    Each CoPE path's time is divided by B * H (ms per (batch, head) slice). The run's lengths
+    are merged into its direction's entry of ``previous``: a measured (path, length) replaces
+    the old value, the rest is kept (so long lengths can be added by a run without the
+    reference); the other direction is kept as it was.
     """
     setting = document["setting"]
     slices = setting["batch"] * setting["heads"]
-    lengths = sorted({case["length"] for case in document["cases"]})
-    paths = [
-        p for p in ATTENTION_PATHS if p != "sdpa" and any(c["name"] == p for c in document["cases"])
-    ]
-    times = {(c["name"], c["length"]): c["time_ms"] for c in document["cases"]}
-    entry = {
-        "command": document.get("command"),
-        "commit": document.get("commit"),
-        "setting": setting,
-        "lengths": lengths,
-        "ms_per_head": {
-            path: [
-                None if times.get((path, t)) is None else times[(path, t)] / slices for t in lengths
-            ]
-            for path in paths
-        },
-    }
     direction = "causal" if setting["causal"] else "bidirectional"
+    old = previous.get(direction, {"lengths": [], "ms_per_head": {}, "runs": []})
+    values = {
+        (path, length): ms
+        for path, column in old["ms_per_head"].items()
+        for length, ms in zip(old["lengths"], column, strict=True)
+    }
+    for case in document["cases"]:
+        if case["name"] != "sdpa" and case["time_ms"] is not None:
+            values[(case["name"], case["length"])] = case["time_ms"] / slices
+    lengths = sorted({length for _, length in values} | set(old["lengths"]))
+    paths = [p for p in ATTENTION_PATHS if any(name == p for name, _ in values)]
+    run = {key: document.get(key) for key in ("command", "commit")}
+    entry = {
+        "runs": [*old.get("runs", []), {**run, "setting": setting}],
+        "lengths": lengths,
+        "ms_per_head": {path: [values.get((path, t)) for t in lengths] for path in paths},
+    }
     meta = {key: document[key] for key in ("command", "commit", "environment") if key in document}
     return {**previous, **meta, direction: entry}
 

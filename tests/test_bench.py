@@ -91,3 +91,24 @@ def test_train_bench_reports_throughput_relative_to_abs():
 def test_train_bench_rejects_unknown_encodings():
     with pytest.raises(UserError, match="position encoding"):
         bench_train(["cope", "nonsense"], TrainSetting(recipe="counting"), isolate=False)
+
+
+def test_calibration_runs_merge_their_lengths_into_their_direction():
+    def document(causal, cases):
+        setting = {"batch": 2, "heads": 2, "causal": causal}
+        return {"setting": setting, "command": "cope bench", "commit": "c", "cases": cases}
+
+    first = document(True, [
+        {"name": "sdpa", "length": 64, "time_ms": 1.0},
+        {"name": "reference", "length": 64, "time_ms": 12.0},
+        {"name": "fused", "length": 64, "time_ms": 8.0},
+    ])  # fmt: skip
+    table = bench.calibration_table(first, {})
+    assert table["causal"]["ms_per_head"] == {"reference": [3.0], "fused": [2.0]}  # per B*H
+    longer = document(True, [{"name": "fused", "length": 1024, "time_ms": 400.0}])
+    merged = bench.calibration_table(longer, table)
+    assert merged["causal"]["lengths"] == [64, 1024]
+    assert merged["causal"]["ms_per_head"] == {"reference": [3.0, None], "fused": [2.0, 100.0]}
+    assert len(merged["causal"]["runs"]) == 2
+    other = bench.calibration_table(document(False, [first["cases"][2]]), merged)
+    assert other["causal"] == merged["causal"] and other["bidirectional"]["lengths"] == [64]

@@ -1,4 +1,4 @@
-"""The CoPE reference against the DESIGN.md §2 formula, written as a plain loop over i and j."""
+"""The CoPE reference against its formula (encoders/cope_reference.py), looped over i and j."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from encoders.cope import CoPE, cope_attention, cope_positions, reference_cope_a
 
 
 def loop_cope(q, k, v, table, *, causal, key_padding_mask=None, gate_of=None):
-    """DESIGN.md §2 term by term: one query i, one key j at a time (float64, autograd-able).
+    """The formula term by term: one query i, one key j at a time (float64, autograd-able).
 
     ``gate_of(b, h, i, j)`` replaces the paper's gate sigmoid(s_ij) (the gate variants' tests).
     """

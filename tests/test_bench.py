@@ -39,10 +39,25 @@ def test_ratios_divide_by_the_baseline_at_the_same_length_and_leave_out_skipped_
         CaseResult("reference", 128, skipped="skipped (est. 9 GiB)"),
     ]
     relative = bench.ratios(results, "sdpa")
-    assert relative[("sdpa", 64)] == {"time": 1.0, "memory": 1.0, "throughput": None}
-    assert relative[("blockwise", 64)] == {"time": 2.5, "memory": 1.5, "throughput": None}
+    assert relative[("sdpa", 64)] == {
+        "time": 1.0,
+        "memory": 1.0,
+        "throughput": None,
+        "cpu_time": None,
+    }
+    assert relative[("blockwise", 64)] == {
+        "time": 2.5,
+        "memory": 1.5,
+        "throughput": None,
+        "cpu_time": None,
+    }
     # A zero baseline peak gives no memory ratio rather than a division by zero.
-    assert relative[("blockwise", 128)] == {"time": 1.5, "memory": None, "throughput": None}
+    assert relative[("blockwise", 128)] == {
+        "time": 1.5,
+        "memory": None,
+        "throughput": None,
+        "cpu_time": None,
+    }
     assert ("reference", 128) not in relative
     document = bench.results_json(results, "sdpa", {})
     assert [case["ratios_to_sdpa"] for case in document["cases"]][-1] is None
@@ -113,3 +128,24 @@ def test_train_bench_reports_throughput_relative_to_abs():
 def test_train_bench_rejects_unknown_encodings():
     with pytest.raises(UserError, match="position encoding"):
         bench_train(["cope", "nonsense"], TrainSetting(recipe="counting"), isolate=False)
+
+
+def test_calibration_runs_merge_their_lengths_into_their_direction():
+    def document(causal, cases):
+        setting = {"batch": 2, "heads": 2, "causal": causal}
+        return {"setting": setting, "command": "cope bench", "commit": "c", "cases": cases}
+
+    first = document(True, [
+        {"name": "sdpa", "length": 64, "time_ms": 1.0},
+        {"name": "reference", "length": 64, "time_ms": 12.0},
+        {"name": "fused", "length": 64, "time_ms": 8.0},
+    ])  # fmt: skip
+    table = bench.calibration_table(first, {})
+    assert table["causal"]["ms_per_head"] == {"reference": [3.0], "fused": [2.0]}  # per B*H
+    longer = document(True, [{"name": "fused", "length": 1024, "time_ms": 400.0}])
+    merged = bench.calibration_table(longer, table)
+    assert merged["causal"]["lengths"] == [64, 1024]
+    assert merged["causal"]["ms_per_head"] == {"reference": [3.0, None], "fused": [2.0, 100.0]}
+    assert len(merged["causal"]["runs"]) == 2
+    other = bench.calibration_table(document(False, [first["cases"][2]]), merged)
+    assert other["causal"] == merged["causal"] and other["bidirectional"]["lengths"] == [64]

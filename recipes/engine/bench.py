@@ -134,8 +134,12 @@ class _PeakMemory:
             self.rise = _peak_rss_bytes() - self.base
 
 
-def _timed(step: Any, repeats: int, warmup: int, device: Any) -> list[float]:
-    """Seconds of each timed call of ``step`` after ``warmup`` untimed ones."""
+def _timed(step: Any, repeats: int, warmup: int, device: Any) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each timed call of ``step`` after ``warmup`` untimed ones.
+
+    CPU time (all threads of this process) is what other jobs on a shared machine disturb least:
+    wall time also counts the waits for a CPU.
+    """
     import torch
 
     def sync() -> None:
@@ -144,14 +148,15 @@ def _timed(step: Any, repeats: int, warmup: int, device: Any) -> list[float]:
 
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def attention_step(path: str, setting: AttentionSetting, length: int) -> Any:
@@ -202,13 +207,13 @@ def run_attention_case(path: str, setting: AttentionSetting, length: int) -> Cas
     attention_step(path, setting, min(length, 16))()
     step = attention_step(path, setting, length)
     with _PeakMemory(device) as memory:
-        times = _timed(step, setting.repeats, setting.warmup, device)
+        times, cpu_times = _timed(step, setting.repeats, setting.warmup, device)
     return CaseResult(
         path,
         length,
         time_ms=statistics.median(times) * 1e3,
         peak_mib=memory.rise / 2**20,
-        extra={"times_ms": [t * 1e3 for t in times]},
+        extra={"times_ms": [t * 1e3 for t in times], "cpu_ms": statistics.median(cpu_times) * 1e3},
     )
 
 
@@ -304,29 +309,31 @@ def bench_attention(
 def calibration_table(document: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """The dispatcher's calibration table (see ``encoders.cope.CALIBRATION``) from a benchmark.
 
-    Each CoPE path's time is divided by B * H (ms per (batch, head) slice); the run's direction
-    replaces that direction's entry of ``previous`` and keeps the other.
+    Each CoPE path's time is divided by B * H (ms per (batch, head) slice). The run's lengths
+    are merged into its direction's entry of ``previous``: a measured (path, length) replaces
+    the old value, the rest is kept (so long lengths can be added by a run without the
+    reference); the other direction is kept as it was.
     """
     setting = document["setting"]
     slices = setting["batch"] * setting["heads"]
-    lengths = sorted({case["length"] for case in document["cases"]})
-    paths = [
-        p for p in ATTENTION_PATHS if p != "sdpa" and any(c["name"] == p for c in document["cases"])
-    ]
-    times = {(c["name"], c["length"]): c["time_ms"] for c in document["cases"]}
-    entry = {
-        "command": document.get("command"),
-        "commit": document.get("commit"),
-        "setting": setting,
-        "lengths": lengths,
-        "ms_per_head": {
-            path: [
-                None if times.get((path, t)) is None else times[(path, t)] / slices for t in lengths
-            ]
-            for path in paths
-        },
-    }
     direction = "causal" if setting["causal"] else "bidirectional"
+    old = previous.get(direction, {"lengths": [], "ms_per_head": {}, "runs": []})
+    values = {
+        (path, length): ms
+        for path, column in old["ms_per_head"].items()
+        for length, ms in zip(old["lengths"], column, strict=True)
+    }
+    for case in document["cases"]:
+        if case["name"] != "sdpa" and case["time_ms"] is not None:
+            values[(case["name"], case["length"])] = case["time_ms"] / slices
+    lengths = sorted({length for _, length in values} | set(old["lengths"]))
+    paths = [p for p in ATTENTION_PATHS if any(name == p for name, _ in values)]
+    run = {key: document.get(key) for key in ("command", "commit")}
+    entry = {
+        "runs": [*old.get("runs", []), {**run, "setting": setting}],
+        "lengths": lengths,
+        "ms_per_head": {path: [values.get((path, t)) for t in lengths] for path in paths},
+    }
     meta = {key: document[key] for key in ("command", "commit", "environment") if key in document}
     return {**previous, **meta, direction: entry}
 
@@ -404,7 +411,7 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
         optimizer.step()
 
     with _PeakMemory(device) as memory:
-        times = _timed(step, setting.steps, setting.warmup, device)
+        times, cpu_times = _timed(step, setting.steps, setting.warmup, device)
     tokens = sum(int(batch["inputs"].shape[1]) for batch in batches) / len(batches)
     return CaseResult(
         pe,
@@ -417,6 +424,7 @@ def run_train_case(pe: str, setting: TrainSetting) -> CaseResult:
             "mean_tokens": tokens,
             "parameters": sum(p.numel() for p in model.parameters()),
             "npos": config.get("model.npos"),
+            "cpu_ms": statistics.median(cpu_times) * 1e3,
         },
     )
 
@@ -498,6 +506,7 @@ def ratios(results: list[CaseResult], baseline: str) -> dict[tuple[str, int | No
             "time": ratio(result.time_ms, ref.time_ms),
             "memory": ratio(result.peak_mib, ref.peak_mib),
             "throughput": ratio(result.examples_per_s, ref.examples_per_s),
+            "cpu_time": ratio(result.extra.get("cpu_ms"), ref.extra.get("cpu_ms")),
         }
     return out
 

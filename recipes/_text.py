@@ -29,7 +29,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from recipes.base import IGNORE_INDEX, Config, Split, UserError, encoder_config
+from recipes.base import (
+    IGNORE_INDEX,
+    Config,
+    DataBundle,
+    Recipe,
+    Split,
+    UserError,
+    encoder_config,
+    pad_collate,
+)
 
 PAD = "<pad>"  # index 0, the value pad_collate fills inputs with
 Example = tuple[list[str], list[int]]  # tokens, answer class per position (IGNORE_INDEX: none)
@@ -298,3 +307,55 @@ TEXT_DEFAULTS: Config = {
     "data.seed": 0,
     "data.dedup": True,  # evaluation splits hold no training item (separate_from_training)
 }
+
+
+class SparseDenseTask(Recipe):
+    """A generated token task evaluated as the paper does: ``val`` and ``test`` from the training
+    distribution, then a sparse and a dense variant of it (flip-flop, selective-copy).
+
+    Subclasses build the data with :meth:`sparse_dense_bundle`, naming the setting each split
+    source draws from (``test``, ``sparse``, ``dense``) and how a setting makes a dataset.
+    """
+
+    modality = "text"
+    data_source = "generated"
+    metric = "error"
+    default_preset = "small"
+
+    def split_names(self) -> list[str]:
+        """Evaluation splits: in distribution, then the OOD ones."""
+        return ["val", "test", "sparse", "dense"]
+
+    def sparse_dense_bundle(
+        self,
+        config: Config,
+        dataset: Callable[[str, int, Any], GeneratedTokenDataset],
+        settings: dict[str, Any],
+        describe: Callable[[Any], str],
+        info: dict[str, Any],
+    ) -> DataBundle:
+        """Train (on the ``test`` setting), val, test, sparse and dense, with no eval item that
+        also occurs in training (``info["train_overlap"]`` says how many were replaced)."""
+        eval_size = option(config, "data.eval_size", int)
+
+        def split(name: str, source: str, ood: bool) -> Split:
+            setting = settings[source]
+            return Split(dataset(name, eval_size, setting), ood=ood, description=describe(setting))
+
+        splits = {
+            "val": split("val", "test", False),
+            "test": split("test", "test", False),
+            "sparse": split("sparse", "sparse", True),
+            "dense": split("dense", "dense", True),
+        }
+        train = dataset("train", option(config, "data.train_size", int), settings["test"])
+        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
+        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
+
+    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
+        """Token embeddings, a causal encoder, and an answer head on every position."""
+        return build_token_model(config, info)
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        """The sequence's tokens, for the contextual-position heatmap."""
+        return token_signal(item, info)

@@ -87,8 +87,32 @@ OPTIONS += ("slow_factor", "train_size", "eval_size")
 RANGES = ("events", "ood_events", "event_ms", "gap_ms")
 
 
+class QuestionSpace:
+    """Frames and answers of the question tasks (audio-events, spoken-words): "which kind was
+    the n-th" (``max_n`` questions) and "how many of kind k" (``kinds`` questions); answers are
+    a kind or a count up to ``max_count``. Subclasses give those fields and the analysis."""
+
+    sample_rate: int
+    hop_ms: float
+    max_n: int
+    kinds: int
+    max_count: int
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def n_questions(self) -> int:
+        return self.max_n + self.kinds
+
+    @property
+    def num_classes(self) -> int:
+        return self.kinds + self.max_count + 1
+
+
 @dataclasses.dataclass(frozen=True)
-class EventSettings:
+class EventSettings(QuestionSpace):
     """Everything the generated data depends on (its hash keys the cache)."""
 
     seed: int = 0
@@ -153,20 +177,8 @@ class EventSettings:
         return {f"data.{name}": as_option(name) for name in OPTIONS if name != "seed"}
 
     @property
-    def hop_length(self) -> int:
-        return round(self.sample_rate * self.hop_ms / 1000)
-
-    @property
-    def n_questions(self) -> int:
-        return self.max_n + self.kinds
-
-    @property
     def max_count(self) -> int:
         return max(self.events[1], self.ood_events[1])
-
-    @property
-    def num_classes(self) -> int:
-        return self.kinds + self.max_count + 1
 
 
 # ----------------------------------------------------------------------------- generator
@@ -384,6 +396,34 @@ def longest_tokens(data: dict[str, Any]) -> int:
     return 1 + math.ceil(longest / STACK)
 
 
+# The model and budget shared by the question tasks (audio-events, spoken-words): the default
+# ("fast") preset trains on 2 CPUs in minutes; "full" is the larger one.
+QUESTION_TASK_BUDGET: Config = {
+    "model.dim": 64,
+    "model.depth": 2,
+    "model.heads": 4,
+    "model.mlp_dim": 128,
+    "model.npos": 64,
+    "train.steps": 600,
+    "train.batch_size": 32,
+    "train.lr": 2e-3,
+    "train.warmup_steps": 50,
+    "train.eval_every": 200,
+}
+QUESTION_TASK_FULL: Config = {
+    "data.max_n": 3,
+    "data.questions": "both",
+    "data.train_size": 12000,
+    "data.eval_size": 1000,
+    "model.depth": 3,
+    "model.mlp_dim": 256,
+    "train.steps": 4000,
+    "train.lr": 1e-3,
+    "train.warmup_steps": 200,
+    "train.eval_every": 500,
+}
+
+
 @register_recipe
 class AudioEvents(Recipe):
     """Which kind was the n-th sound event / how many of a kind: order and count, not time."""
@@ -396,33 +436,15 @@ class AudioEvents(Recipe):
     defaults: Config = {
         **EventSettings.option_defaults(),
         "data.deltas": False,  # append delta and delta-delta features (issue 10: change cues)
-        "model.dim": 64,
-        "model.depth": 2,
-        "model.heads": 4,
-        "model.mlp_dim": 128,
-        "model.npos": 64,
-        "train.steps": 600,
-        "train.batch_size": 32,
-        "train.lr": 2e-3,
-        "train.warmup_steps": 50,
-        "train.eval_every": 200,
+        **QUESTION_TASK_BUDGET,
     }
     presets: dict[str, Config] = {
         "fast": {},
         "full": {
             "data.events": "3-8",
             "data.ood_events": "10-12",
-            "data.max_n": 3,
             "data.gap_ms": "40-200",
-            "data.questions": "both",
-            "data.train_size": 12000,
-            "data.eval_size": 1000,
-            "model.depth": 3,
-            "model.mlp_dim": 256,
-            "train.steps": 4000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 200,
-            "train.eval_every": 500,
+            **QUESTION_TASK_FULL,
         },
     }
     default_preset = "fast"

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
-
-from torch import nn
 
 from recipes._text import (
     PAPER_MODEL,
@@ -31,21 +28,16 @@ from recipes._text import (
     SMALL_TRAIN,
     TEXT_DEFAULTS,
     GeneratedTokenDataset,
+    SparseDenseTask,
     Vocabulary,
-    build_token_model,
     check_probability,
     option,
-    separate_from_training,
-    token_signal,
 )
 from recipes.base import (
     IGNORE_INDEX,
     Config,
     DataBundle,
-    Recipe,
-    Split,
     UserError,
-    pad_collate,
     register_recipe,
 )
 
@@ -112,21 +104,13 @@ PAPER: Config = {
 
 
 @register_recipe
-class FlipFlop(Recipe):
+class FlipFlop(SparseDenseTask):
     """Recall the last written bit at every read, ignoring the ignore instructions."""
 
     name = "flip-flop"
-    modality = "text"
     task = "the last written bit at each read of a write/ignore/read sequence (per-read error)"
-    data_source = "generated"
-    metric = "error"
     defaults: Config = {**TEXT_DEFAULTS, **SMALL}
     presets: dict[str, Config] = {"small": SMALL, "paper": PAPER}
-    default_preset = "small"
-
-    def split_names(self) -> list[str]:
-        """Evaluation splits: in distribution, then the OOD ones."""
-        return ["val", "test", "sparse", "dense"]
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Generated sequences: deterministic from data.seed, independent per split."""
@@ -151,18 +135,6 @@ class FlipFlop(Recipe):
                 make, VOCABULARY, size=size, seed=seed, split=split, cache=split != "train"
             )
 
-        eval_size = option(config, "data.eval_size", int)
-
-        def split(name: str, source: str, ood: bool) -> Split:
-            described = f"{length} instructions, p_ignore {ignore[source]:g}"
-            return Split(dataset(name, eval_size, ignore[source]), ood=ood, description=described)
-
-        splits = {
-            "val": split("val", "test", False),
-            "test": split("test", "test", False),
-            "sparse": split("sparse", "sparse", True),
-            "dense": split("dense", "dense", True),
-        }
         info = {
             "vocab_size": len(VOCABULARY),
             "vocabulary": VOCABULARY.tokens,
@@ -170,14 +142,10 @@ class FlipFlop(Recipe):
             "max_len": 2 * length,
             "answer_names": list(BITS),
         }
-        train = dataset("train", option(config, "data.train_size", int), ignore["test"])
-        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
-        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        """Token embeddings, a causal encoder, and a bit head on every position."""
-        return build_token_model(config, info)
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """The sequence's tokens, for the contextual-position heatmap."""
-        return token_signal(item, info)
+        return self.sparse_dense_bundle(
+            config,
+            dataset,
+            ignore,
+            lambda p_ignore: f"{length} instructions, p_ignore {p_ignore:g}",
+            info,
+        )

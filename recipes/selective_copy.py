@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
-
-from torch import nn
 
 from recipes._text import (
     PAPER_MODEL,
@@ -31,21 +28,16 @@ from recipes._text import (
     SMALL_TRAIN,
     TEXT_DEFAULTS,
     GeneratedTokenDataset,
+    SparseDenseTask,
     Vocabulary,
-    build_token_model,
     check_range,
     option,
-    separate_from_training,
-    token_signal,
 )
 from recipes.base import (
     IGNORE_INDEX,
     Config,
     DataBundle,
-    Recipe,
-    Split,
     UserError,
-    pad_collate,
     register_recipe,
 )
 
@@ -123,21 +115,13 @@ PAPER: Config = {
 
 
 @register_recipe
-class SelectiveCopy(Recipe):
+class SelectiveCopy(SparseDenseTask):
     """Copy the coloured tokens of a context in order, skipping the blanks between them."""
 
     name = "selective-copy"
-    modality = "text"
     task = "the coloured tokens of the context, in order, ignoring blanks (per-token error)"
-    data_source = "generated"
-    metric = "error"
     defaults: Config = {**TEXT_DEFAULTS, **SMALL}
     presets: dict[str, Config] = {"small": SMALL, "paper": PAPER}
-    default_preset = "small"
-
-    def split_names(self) -> list[str]:
-        """Evaluation splits: in distribution, then the OOD ones."""
-        return ["val", "test", "sparse", "dense"]
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Generated copy problems: deterministic from data.seed, independent per split."""
@@ -174,19 +158,6 @@ class SelectiveCopy(Recipe):
                 make, words, size=size, seed=seed, split=split, cache=split != "train"
             )
 
-        eval_size = option(config, "data.eval_size", int)
-
-        def split(name: str, source: str, ood: bool) -> Split:
-            low, high = ranges[source]
-            described = f"{num_tokens} coloured tokens among {low}-{high} blanks"
-            return Split(dataset(name, eval_size, ranges[source]), ood=ood, description=described)
-
-        splits = {
-            "val": split("val", "test", False),
-            "test": split("test", "test", False),
-            "sparse": split("sparse", "sparse", True),
-            "dense": split("dense", "dense", True),
-        }
         info = {
             "vocab_size": len(words),
             "vocabulary": words.tokens,
@@ -194,14 +165,10 @@ class SelectiveCopy(Recipe):
             "max_len": longest_sequence(num_tokens, max(high for _, high in ranges.values())),
             "answer_names": [color_token(color) for color in range(num_colors)],
         }
-        train = dataset("train", option(config, "data.train_size", int), ranges["test"])
-        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
-        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        """Token embeddings, a causal encoder, and a colour head on every position."""
-        return build_token_model(config, info)
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """The example's tokens, for the contextual-position heatmap."""
-        return token_signal(item, info)
+        return self.sparse_dense_bundle(
+            config,
+            dataset,
+            ranges,
+            lambda blanks: f"{num_tokens} coloured tokens among {blanks[0]}-{blanks[1]} blanks",
+            info,
+        )

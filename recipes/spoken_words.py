@@ -52,9 +52,12 @@ from recipes._audio import (
 )
 from recipes.audio_events import (
     MAX_ONSETS,
+    QUESTION_TASK_BUDGET,
+    QUESTION_TASK_FULL,
     AudioEvents,
     Event,
     EventClips,
+    QuestionSpace,
     answer,
     draw_question,
     longest_tokens,
@@ -108,7 +111,7 @@ def parse_vocabulary(text: str | Iterable[str]) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class WordSettings:
+class WordSettings(QuestionSpace):
     """Everything the generated clips depend on (its hash keys the clip cache)."""
 
     seed: int = 0
@@ -202,20 +205,8 @@ class WordSettings:
         return len(self.vocabulary)
 
     @property
-    def hop_length(self) -> int:
-        return round(self.sample_rate * self.hop_ms / 1000)
-
-    @property
-    def n_questions(self) -> int:
-        return self.max_n + self.kinds
-
-    @property
     def max_count(self) -> int:
         return max(self.words[1], self.ood_words[1])
-
-    @property
-    def num_classes(self) -> int:
-        return self.kinds + self.max_count + 1
 
 
 # ----------------------------------------------------------------------------- word bank
@@ -471,32 +462,14 @@ class SpokenWords(AudioEvents):
         "data.gap_ms": "50-250",
         "data.train_size": 3000,
         "data.eval_size": 400,
-        "model.dim": 64,
-        "model.depth": 2,
-        "model.heads": 4,
-        "model.mlp_dim": 128,
-        "model.npos": 64,
-        "train.steps": 600,
-        "train.batch_size": 32,
-        "train.lr": 2e-3,
-        "train.warmup_steps": 50,
-        "train.eval_every": 200,
+        **QUESTION_TASK_BUDGET,
     }
     presets: dict[str, Config] = {
         "fast": {},
         "full": {
             "data.words": "3-6",
             "data.ood_words": "9-12",
-            "data.max_n": 3,
-            "data.questions": "both",
-            "data.train_size": 12000,
-            "data.eval_size": 1000,
-            "model.depth": 3,
-            "model.mlp_dim": 256,
-            "train.steps": 4000,
-            "train.lr": 1e-3,
-            "train.warmup_steps": 200,
-            "train.eval_every": 500,
+            **QUESTION_TASK_FULL,
         },
     }
     default_preset = "fast"

@@ -492,6 +492,43 @@ def eval_command(
     console.print(f"run directory: {run_dir} ({result['weights']})", highlight=False)
 
 
+@app.command("predict")
+@user_errors
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    target: Annotated[
+        Path, typer.Argument(help="A file, or a folder (searched recursively).", show_default=False)
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per file.", min=1)] = 5,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    device: DeviceOption = None,
+) -> None:
+    """The top classes of each file, read and featurised as training read them.
+
+    Works for the folder recipes (audio-folder, video-folder, npy-folder); only the run's
+    checkpoint is read, not its training data. Unreadable files are reported and skipped; the
+    exit code is non-zero only when no file could be predicted.
+
+    Example: cope predict runs/audio-folder/cope/seed0-STAMP mysounds/new --top-k 3
+    """
+    from cope_cli.render import prediction_table
+    from recipes.base import UserError
+    from recipes.engine.predict import predict_files
+
+    def skipped(path: str, reason: str) -> None:
+        error_console.print(f"skipped {path}: {reason}", highlight=False, soft_wrap=True)
+
+    result = predict_files(run, target, top_k=top_k, device=device or "auto", on_skip=skipped)
+    if json_output:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        console.print(prediction_table(result))
+    if not result.predictions:
+        raise UserError(f"no file could be predicted ({len(result.skipped)} skipped)")
+
+
 @app.command("compare")
 @user_errors
 def compare_command(

@@ -38,6 +38,7 @@ from recipes.base import (
     Config,
     DataBundle,
     Split,
+    UnreadableFile,
     UserError,
     pad_collate,
     register_recipe,
@@ -60,6 +61,20 @@ class ClipSettings:
             raise UserError(f"data.stack must be at least 1, got {self.stack}")
 
 
+def clip_mel_db(path: Path, analyzer: MelAnalyzer, clip_seconds: float, max_seconds: float) -> Any:
+    """One file's cached form: mel_db (frames, mels) in float16, cropped or padded as set.
+
+    Raises AudioReadError for a file soundfile cannot read (or holding NaN/inf).
+    """
+    rate = analyzer.settings.sample_rate
+    wave = read_audio(path, rate)
+    if clip_seconds > 0:
+        wave = centre(wave, int(clip_seconds * rate))
+    elif max_seconds > 0:
+        wave = wave[: int(max_seconds * rate)]
+    return analyzer.mel_db(wave).half()
+
+
 def build_cache(
     root: Path,
     relatives: list[str],
@@ -69,22 +84,16 @@ def build_cache(
 ) -> dict[str, Any]:
     """Mel_db of every readable file (row -1 and a name in "skipped" for the others)."""
     analyzer = MelAnalyzer(settings)
-    rate = settings.sample_rate
     arrays, rows, skipped = [], [], []
     with progress_bar(f"caching features of {root.name}", len(relatives)) as bar, single_thread():
         for relative in relatives:
             advance(bar)
             try:
-                wave = read_audio(root / relative, rate)
+                arrays.append(clip_mel_db(root / relative, analyzer, clip_seconds, max_seconds))
             except AudioReadError:
                 rows.append(-1)
                 skipped.append(relative)
                 continue
-            if clip_seconds > 0:
-                wave = centre(wave, int(clip_seconds * rate))
-            elif max_seconds > 0:
-                wave = wave[: int(max_seconds * rate)]
-            arrays.append(analyzer.mel_db(wave).half())
             rows.append(len(arrays) - 1)
     import torch
 
@@ -143,6 +152,7 @@ class AudioFolder(SpectrogramClassifier):
         "model.npos": 64,
     }
     presets: dict[str, Config] = {}
+    file_suffixes = AUDIO_EXTENSIONS
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """List and split the folder, read (or load the cached) features, wrap the splits."""
@@ -178,9 +188,25 @@ class AudioFolder(SpectrogramClassifier):
             "feature_dim": settings.n_features,
             "stack": clips.stack,
             "max_len": -(-longest // clips.stack) + 1,  # + the classifier's CLS token
+            "feature_mean": mean.tolist(),  # kept in checkpoints: prediction standardises so
+            "feature_std": std.tolist(),
         }
         splits = {
             "val": Split(dataset("val"), description="validation files"),
             "test": Split(dataset("test"), description="test files"),
         }
         return DataBundle(dataset("train"), splits, pad_collate, info, len(cache["skipped"]))
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A file's features as a training item's: same reading, analysis and statistics."""
+        import torch
+
+        analyzer = MelAnalyzer(FeatureSettings.from_config(config))
+        clips = settings_of(ClipSettings, config)
+        try:
+            mel_db = clip_mel_db(path, analyzer, clips.clip_seconds, clips.max_seconds)
+        except AudioReadError as error:
+            raise UnreadableFile(str(error) or "unreadable audio") from None
+        mean, std = torch.tensor(info["feature_mean"]), torch.tensor(info["feature_std"])
+        item = FeatureDataset(Ragged.from_list([mel_db]), [0], [0], analyzer, mean, std)[0]
+        return item["inputs"]

@@ -36,6 +36,7 @@ from recipes.base import (
     DataBundle,
     Recipe,
     Split,
+    UnreadableFile,
     UserError,
     encoder_config,
     pad_collate,
@@ -125,6 +126,12 @@ def read_usable(
     return arrays, reasons
 
 
+def model_input(array: np.ndarray, mean: np.ndarray, std: np.ndarray, normalize: bool) -> Any:
+    """A usable array as the model's float32 (time, features) input, standardised if set."""
+    array = (array - mean) / std if normalize else array
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
 def feature_statistics(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and deviation over all training frames (deviation floored)."""
     frames = np.concatenate(arrays, axis=0).astype(np.float64)
@@ -150,6 +157,7 @@ class NpyFolder(Recipe):
     }
     presets: dict[str, Config] = {}
     default_preset = None
+    file_suffixes = (".npy",)
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Read, check and split the folder; standardise with training statistics."""
@@ -174,8 +182,7 @@ class NpyFolder(Recipe):
         def dataset(split: str) -> FeatureDataset:
             tensors = []
             for key, _ in usable[split]:
-                array = (arrays[key] - mean) / std if settings.normalize else arrays[key]
-                tensors.append(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+                tensors.append(model_input(arrays[key], mean, std, settings.normalize))
             keys, labels = [key for key, _ in usable[split]], [label for _, label in usable[split]]
             return FeatureDataset(tensors, labels, keys)
 
@@ -214,3 +221,17 @@ class NpyFolder(Recipe):
             )
         frontend = FeatureFrontend(int(info["feature_dim"]), encoder.dim, int(info["stack"]))
         return SequenceClassifier(frontend, encoder, int(info["num_classes"]))
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A file's array as a training item's: same checks, crop and training statistics."""
+        settings = settings_of(ArraySettings, config)
+        array, reason = read_features(path)
+        if array is None:
+            raise UnreadableFile(f"{path}: {reason}")
+        if array.shape[1] != int(info["feature_dim"]):
+            raise UnreadableFile(f"{path}: not {info['feature_dim']} features")
+        if settings.max_frames > 0:
+            array = array[: settings.max_frames]
+        mean = np.asarray(info["feature_mean"], dtype=np.float32)
+        std = np.asarray(info["feature_std"], dtype=np.float32)
+        return model_input(array, mean, std, settings.normalize)

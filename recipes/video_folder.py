@@ -37,10 +37,20 @@ from recipes._video import (
     DecodeSettings,
     build_video_classifier,
     decode_all,
+    decode_video,
     load_clip,
     normalise,
 )
-from recipes.base import Config, DataBundle, Recipe, Split, UserError, pad_collate, register_recipe
+from recipes.base import (
+    Config,
+    DataBundle,
+    Recipe,
+    Split,
+    UnreadableFile,
+    UserError,
+    pad_collate,
+    register_recipe,
+)
 from recipes.settings import defaults_of, settings_of
 
 
@@ -98,6 +108,7 @@ class VideoFolder(Recipe):
     }
     presets: dict[str, Config] = VIDEO_PRESETS
     default_preset = "small"
+    file_suffixes = VIDEO_SUFFIXES
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Find, split, decode (or load from the cache) and wrap the videos."""
@@ -133,7 +144,7 @@ class VideoFolder(Recipe):
         )
         info = {
             "num_classes": len(classes),
-            "classes": list(classes),
+            "class_names": list(classes),
             "channels": settings.channels,
             "frame_size": settings.size,
             "max_frames": settings.frames,
@@ -144,6 +155,14 @@ class VideoFolder(Recipe):
             "test": Split(datasets["test"], description="held-out videos"),
         }
         return DataBundle(datasets["train"], splits, pad_collate, info, skipped)
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A video decoded and normalised as a training item (same decoding settings)."""
+        try:
+            clip = decode_video(path, decode_settings({**self.defaults, **config}))
+        except (ValueError, OSError) as error:
+            raise UnreadableFile(str(error)) from None
+        return VideoClips([clip], [0])[0]["inputs"]
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
         """Video frontend (tubelets) + encoder + classification head."""

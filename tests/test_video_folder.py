@@ -56,7 +56,7 @@ def test_corrupt_and_empty_files_are_skipped_and_counted(folder: Path, tmp_path:
     assert bundle.skipped == 2
     sizes = [len(bundle.train)] + [len(split.dataset) for split in bundle.splits.values()]
     assert sum(sizes) == 8  # the two unreadable files are gone, the .txt was never a video
-    assert bundle.info["classes"] == ["blue", "red"] and bundle.info["num_classes"] == 2
+    assert bundle.info["class_names"] == ["blue", "red"] and bundle.info["num_classes"] == 2
 
 
 def test_every_container_decodes_to_the_colour_it_was_written_with(folder: Path) -> None:

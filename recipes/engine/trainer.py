@@ -30,6 +30,7 @@ from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe, pad_
 from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
+    inference_state,
     load_checkpoint,
     load_for_resume,
     load_model_state,
@@ -624,6 +625,7 @@ class Trainer:
                         "model": model.state_dict(),
                         "step": step,
                         "val": result,
+                        **inference_state(self.config, self.bundle.info),
                     },
                 )
             else:
@@ -646,6 +648,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
             "rng": rng_states[0],
+            **inference_state(self.config, self.bundle.info),
         }
         if self.context.enabled:
             state["rng_per_rank"] = rng_states

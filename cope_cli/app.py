@@ -529,6 +529,31 @@ def predict_command(
         raise UserError(f"no file could be predicted ({len(result.skipped)} skipped)")
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    fmt: Annotated[
+        str, typer.Option("--format", help="torch-export (.pt2) or onnx (needs cope[onnx]).")
+    ] = "torch-export",
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="File to write; default RUN/model.pt2 or RUN/model.onnx."),
+    ] = None,
+) -> None:
+    """Export a run's best weights for inference outside cope.
+
+    The export uses CoPE's reference path (the same function, no length-dependent branches);
+    it takes one item's inputs (batch 1, any length the model allows) and returns logits.
+
+    Example: cope export runs/npy-folder/cope/seed0-STAMP --format onnx
+    """
+    from recipes.engine.export import export_run
+
+    path = export_run(run, fmt, out_file)
+    console.print(f"wrote {path}", highlight=False)
+
+
 @app.command("compare")
 @user_errors
 def compare_command(

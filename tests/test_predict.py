@@ -20,13 +20,13 @@ from recipes.engine.predict import logits_of, predict_files
 from recipes.engine.runs import load_model, load_run
 
 
-def train_run(root: Path, out: Path, recipe: str, *extra: str) -> Path:
-    """Train a few steps on a folder whose test split is the list file's; the run directory."""
-    arguments = ["train", recipe, "--pe", "rope", "--steps", "3", "--data-dir", str(root)]
+def train_run(root: Path, out: Path, recipe: str, *extra: str, pe: str = "rope") -> Path:
+    """Train a few steps on a folder; the run directory."""
+    arguments = ["train", recipe, "--pe", pe, "--steps", "3", "--data-dir", str(root)]
     arguments += ["--out", str(out), "--set", "train.batch_size=4", *extra]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    return next(out.glob(f"{recipe}/rope/*"))
+    return next(out.glob(f"{recipe}/{pe}/*"))
 
 
 def with_lists(root: Path, val: list[str], test: list[str]) -> Path:

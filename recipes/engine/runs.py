@@ -106,8 +106,13 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(run_dir: Path, *, device: str = "auto") -> LoadedModel:
+def load_model(
+    run_dir: Path, *, device: str = "auto", model_options: Mapping[str, Any] | None = None
+) -> LoadedModel:
     """A run's best (else latest) weights in its model, without building any data.
+
+    ``model_options`` change ``model.*`` keys that leave the weights as they are (export picks
+    ``model.cope_impl=reference``, the CoPE path without data-dependent control flow).
 
     Checkpoints written before they carried their config and data info cannot be used so; the
     UserError says to evaluate them with ``cope eval`` or to train again.
@@ -126,7 +131,7 @@ def load_model(run_dir: Path, *, device: str = "auto") -> LoadedModel:
             "statistics inside); `cope eval` still reads it, train again to predict or export"
         )
     recipe = get_recipe(recipe_name)
-    config, info = state["config"], state["info"]
+    config, info = {**state["config"], **(model_options or {})}, state["info"]
     torch.manual_seed(config["train.seed"])
     model = recipe.build_model(config, info)
     load_model_state(model, state, weights)

@@ -189,6 +189,34 @@ class _Plan:
     run_dir: Path | None  # None: create a new one
     reuse: bool = False
     note: str | None = None
+    extend: bool = False  # continue a finished run to more steps (``--resume --steps N``)
+
+
+LENGTH_KEYS = ("train.steps", "train.epochs")  # what an extension may change
+
+
+def extendable(runs: list[Path], recipe_name: str, config: Config) -> Path | None:
+    """The newest run differing from ``config`` only in being shorter (steps), or None.
+
+    Only a run whose last checkpoint is its last step can continue: a run stopped early by its
+    patience is not extended (it would stop again at once).
+    """
+    if int(config.get("train.epochs") or 0):
+        return None  # an extension is asked in steps
+    for run in reversed(runs):
+        try:
+            recipe, saved = rundir.read_config(run)
+        except UserError:
+            continue
+        same = {key: value for key, value in saved.items() if key not in LENGTH_KEYS}
+        wanted = {key: value for key, value in config.items() if key not in LENGTH_KEYS}
+        if recipe != recipe_name or config_differences(same, wanted):
+            continue
+        if int(saved.get("train.epochs") or 0) == 0 and (
+            saved["train.steps"] < config["train.steps"] and rundir.has_checkpoint(run)
+        ):
+            return run
+    return None
 
 
 def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
@@ -207,6 +235,14 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
         if newest in finished:
             return _Plan(newest, reuse=True, note=f"reusing finished run {newest}")
     if options.resume and not matching:
+        longer = extendable(runs, recipe_name, config)
+        if longer is not None:
+            before = rundir.read_config(longer)[1]["train.steps"]
+            return _Plan(
+                longer,
+                extend=True,
+                note=f"extending {longer} from {before} to {config['train.steps']} steps",
+            )
         note = "no run with this configuration to resume; starting a new one"
         if not runs and not options.explain_fresh:
             note = None
@@ -352,6 +388,8 @@ class Trainer:
             return RunResult(plan.run_dir, "reused", evaluation.get("step", 0), evaluation)
         self.setup()
         if plan.run_dir is not None:
+            if plan.extend:
+                self.extend(plan.run_dir)
             self.restore(plan.run_dir)
         else:
             self.start()
@@ -419,6 +457,24 @@ class Trainer:
             seed=settings.seed,
             rank=context.rank,
         )
+
+    def extend(self, run_dir: Path) -> None:
+        """Make a (finished) run the longer one asked for: its config's steps, no ``done``.
+
+        The restored checkpoint is the run's last step; the learning-rate schedule is the new
+        length's from there on (a constant schedule continues as one uninterrupted run would).
+        """
+        if self.is_main:
+            saved = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+            rundir.write_config(
+                run_dir,
+                self.recipe.name,
+                self.config,
+                saved.get("preset"),
+                rundir.read_data_dir(run_dir),
+            )
+            (run_dir / rundir.DONE_FILE).unlink(missing_ok=True)
+        barrier(self.context)
 
     def restore(self, run_dir: Path) -> None:
         """Continue ``run_dir`` from its checkpoint: weights, optimiser, sampler, RNG streams."""

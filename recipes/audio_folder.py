@@ -5,7 +5,8 @@ resampled to data.sample_rate). Listing and splits (list files or a stratified s
 data.seed) are :mod:`recipes.folders`', shared with the other folder recipes. Files soundfile
 cannot read are skipped and counted. Clips keep their length (up to ``data.max_seconds``)
 unless ``data.clip_seconds`` pads or crops them to a fixed length. Features: log-mel (default)
-or MFCC, cached once per setting under ``<data-dir>/.cache`` (see :mod:`recipes._audio`).
+or MFCC, cached once per setting under ``data.cache_dir`` (default: the user cache folder,
+so a read-only data folder works; see :func:`recipes._audio.feature_cache_dir`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from recipes._audio import (
     advance,
     cached,
     centre,
+    feature_cache_dir,
     feature_stats,
     progress_bar,
     read_audio,
@@ -105,7 +107,11 @@ def build_cache(
 
 
 def cached_features(
-    root: Path, relatives: list[str], settings: FeatureSettings, clips: ClipSettings
+    root: Path,
+    relatives: list[str],
+    settings: FeatureSettings,
+    clips: ClipSettings,
+    cache_dir: Path,
 ) -> dict[str, Any]:
     """The features of every listed file, built once per (analysis, clip settings, listing)."""
     listing = hashlib.sha256(
@@ -121,7 +127,7 @@ def cached_features(
         }
     )
     return cached(
-        root / ".cache" / f"features-{key}.pt",
+        cache_dir / f"features-{key}.pt",
         lambda: build_cache(root, relatives, settings, clips.clip_seconds, clips.max_seconds),
     )
 
@@ -143,6 +149,7 @@ class AudioFolder(SpectrogramClassifier):
         "data.sample_rate": 16000,
         "data.win_ms": 25.0,
         "data.hop_ms": 10.0,
+        "data.cache_dir": "",  # "": the user cache folder (COPE_CACHE_DIR), never the data folder
         **defaults_of(ClipSettings),
         **defaults_of(SpecAugmentSettings),
         "model.dim": 64,
@@ -161,7 +168,8 @@ class AudioFolder(SpectrogramClassifier):
         assignment = folders.assign_splits(root, classes, folders.SplitSettings.from_config(config))
         settings, clips = FeatureSettings.from_config(config), settings_of(ClipSettings, config)
         relatives = [relative for files in classes.values() for relative in files]
-        cache = cached_features(root, relatives, settings, clips)
+        cache_dir = feature_cache_dir(config, self.name, root)
+        cache = cached_features(root, relatives, settings, clips, cache_dir)
         mel_db = Ragged(cache["mel_db"]["flat"], cache["mel_db"]["offsets"])
         row_of = dict(zip(relatives, cache["rows"].tolist(), strict=True))
         chosen: dict[str, tuple[list[int], list[int]]] = {}

@@ -203,7 +203,8 @@ class AudioFolder(SpectrogramClassifier):
             "val": Split(dataset("val"), description="validation files"),
             "test": Split(dataset("test"), description="test files"),
         }
-        return DataBundle(dataset("train"), splits, pad_collate, info, len(cache["skipped"]))
+        skipped = list(cache["skipped"])
+        return DataBundle(dataset("train"), splits, pad_collate, info, len(skipped), skipped)
 
     def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
         """A file's features as a training item's: same reading, analysis and statistics."""

@@ -55,6 +55,7 @@ class DataBundle:
     collate: Callable[[list[Any]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0  # unreadable items dropped while building the data
+    skipped_files: list[str] = field(default_factory=list)  # their names, where files
 
 
 class Recipe:

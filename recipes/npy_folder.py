@@ -203,7 +203,8 @@ class NpyFolder(Recipe):
             "val": Split(dataset("val"), description="validation items"),
             "test": Split(dataset("test"), description="test items"),
         }
-        return DataBundle(dataset("train"), splits, pad_collate, info, sum(reasons.values()))
+        skipped = [relative for relative in relatives if relative not in arrays]
+        return DataBundle(dataset("train"), splits, pad_collate, info, len(skipped), skipped)
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
         """FeatureFrontend (stacked frames) + encoder + sequence classification head."""

@@ -659,4 +659,5 @@ class SpeechCommands(SpectrogramClassifier):
             "root": str(root),
         }
         train = dataset(*selections["train"][:2], train=True)
-        return DataBundle(train, splits, pad_collate, info, skipped=len(cache["skipped"]))
+        skipped = list(cache["skipped"])
+        return DataBundle(train, splits, pad_collate, info, len(skipped), skipped)

@@ -121,16 +121,16 @@ class VideoFolder(Recipe):
         if caching.cache:
             cache_dir = Path(caching.cache_dir) if caching.cache_dir else root / ".cope-cache"
         datasets: dict[str, VideoClips] = {}
-        skipped = 0
+        skipped: list[str] = []
         for split, members in assignment.items():
-            clips, errors = decode_all(
+            clips, _ = decode_all(
                 [root / relative for relative, _ in members],
                 root,
                 settings,
                 cache_dir,
                 show_progress=caching.progress,
             )
-            skipped += len(errors)
+            skipped += [rel for clip, (rel, _) in zip(clips, members, strict=True) if clip is None]
             kept = [
                 (clip, label)
                 for clip, (_, label) in zip(clips, members, strict=True)
@@ -154,7 +154,7 @@ class VideoFolder(Recipe):
             "val": Split(datasets["val"], description="held-out videos"),
             "test": Split(datasets["test"], description="held-out videos"),
         }
-        return DataBundle(datasets["train"], splits, pad_collate, info, skipped)
+        return DataBundle(datasets["train"], splits, pad_collate, info, len(skipped), skipped)
 
     def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
         """A video decoded and normalised as a training item (same decoding settings)."""

@@ -146,3 +146,30 @@ def test_a_read_only_data_folder_trains(read_only_copy: Path, tmp_path: Path) ->
     arguments += ["--data-dir", str(read_only_copy), "--out", str(tmp_path / "runs")]
     result = CliRunner().invoke(app, [*arguments, "--set", "train.batch_size=4"])
     assert result.exit_code == 0, result.output
+
+
+def test_skipped_files_are_named_in_the_metrics_and_the_summary(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    root = make_folder(tmp_path / "data")
+    arguments = ["train", "audio-folder", "--pe", "abs", "--steps", "2", "--data-dir", str(root)]
+    arguments += ["--out", str(tmp_path / "runs"), "--set", "train.batch_size=4"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "low/broken.wav" in " ".join(result.output.split())
+    (metrics,) = (tmp_path / "runs").glob("audio-folder/abs/*/metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (data,) = [record for record in records if record["kind"] == "data"]
+    assert data["skipped"] == 1 and data["skipped_files"] == ["low/broken.wav"]
+
+
+def test_the_summary_names_ten_skipped_files_then_counts_the_rest() -> None:
+    from recipes.engine.trainer import name_skipped
+
+    files = [f"c/{index}.wav" for index in range(13)]
+    assert name_skipped(files) == ": " + ", ".join(files[:10]) + " and 3 more"
+    assert name_skipped(files[:2]) == ": c/0.wav, c/1.wav" and name_skipped([]) == ""

@@ -263,6 +263,14 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
     return _Plan(None)
 
 
+def name_skipped(files: list[str], shown: int = 10) -> str:
+    """ ": a, b, ... and N more" naming the first ``shown`` skipped files ("" when none)."""
+    if not files:
+        return ""
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return ": " + ", ".join(files[:shown]) + more
+
+
 def describe_overlap(overlap: dict[str, int]) -> str:
     """One line: how many items of each evaluation split also occur in training."""
     counts = ", ".join(f"{split} {count}" for split, count in overlap.items())
@@ -425,6 +433,7 @@ class Trainer:
         if self.bundle.skipped and self.is_main:
             self.observer.message(
                 f"skipped {self.bundle.skipped} unreadable items while building the data"
+                + name_skipped(self.bundle.skipped_files)
             )
         overlap = self.bundle.info.get("train_overlap")  # generated recipes: eval items in training
         if overlap is not None and self.is_main:
@@ -526,6 +535,7 @@ class Trainer:
                 "train_size": len(self.bundle.train),  # type: ignore[arg-type]
                 "splits": {name: len(split.dataset) for name, split in self.bundle.splits.items()},
                 "skipped": self.bundle.skipped,
+                "skipped_files": self.bundle.skipped_files,
                 "train_overlap": self.bundle.info.get("train_overlap"),
                 "total_steps": self.total_steps,
             }

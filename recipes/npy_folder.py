@@ -12,6 +12,9 @@ other folder recipes. Bad items (unreadable, not 2-D, not a real number type, em
 infinite, or with a feature count other than the majority's) are dropped from their split,
 counted in ``DataBundle.skipped`` and reported in one log line.
 
+OOD splits, chosen with ``data.ood_time_scales`` (e.g. "0.5,2"): the test items resampled in
+time to that many times their frames (linear interpolation), ``time-x0.5``, ``time-x2``.
+
 Features are standardised per feature with the training split's mean and deviation
 (``data.normalize``); the model is a FeatureFrontend (``data.stack`` frames per token), a
 bidirectional encoder and a SequenceClassifier.
@@ -54,10 +57,38 @@ class ArraySettings:
     stack: int = 1  # frames per token
     normalize: bool = True  # standardise each feature with the training split's statistics
     max_frames: int = 0  # > 0 keeps only the first max_frames frames of each item
+    ood_time_scales: str = ""  # e.g. "0.5,2": OOD splits time-x0.5, time-x2 of the test items
 
     def __post_init__(self) -> None:
         if self.stack < 1:
             raise UserError(f"data.stack must be at least 1, got {self.stack}")
+        self.time_scales()  # fail early on a malformed list
+
+    def time_scales(self) -> list[float]:
+        """The resampling factors of ``ood_time_scales`` (each > 0)."""
+        try:
+            scales = [float(part) for part in self.ood_time_scales.split(",") if part.strip()]
+        except ValueError:
+            scales = [0.0]
+        if any(scale <= 0 for scale in scales):
+            raise UserError(
+                "data.ood_time_scales must be a comma-separated list of positive factors, "
+                f"like '0.5,2', not {self.ood_time_scales!r}"
+            )
+        return scales
+
+
+def resample_time(array: torch.Tensor, scale: float) -> torch.Tensor:
+    """A (time, features) array at ``scale`` times as many frames, linearly interpolated.
+
+    The same trajectory at another rate (scale 2: twice as slow): first and last frames and the
+    feature values along the way are kept, only the number of frames changes.
+    """
+    frames = max(1, round(array.shape[0] * scale))
+    resized = torch.nn.functional.interpolate(
+        array.T[None], size=frames, mode="linear", align_corners=True
+    )
+    return resized[0].T.contiguous()
 
 
 class FeatureDataset(Dataset):
@@ -186,7 +217,9 @@ class NpyFolder(Recipe):
             keys, labels = [key for key, _ in usable[split]], [label for _, label in usable[split]]
             return FeatureDataset(tensors, labels, keys)
 
+        scales = settings.time_scales()
         longest = max(array.shape[0] for array in arrays.values())
+        longest = max([longest, *(round(longest * scale) for scale in scales)])
         lists = folders.split_lists(root, split_settings) is not None
         info = {
             "num_classes": len(classes),
@@ -203,6 +236,14 @@ class NpyFolder(Recipe):
             "val": Split(dataset("val"), description="validation items"),
             "test": Split(dataset("test"), description="test items"),
         }
+        test = dataset("test")
+        for scale in scales:
+            resampled = [resample_time(tensor, scale) for tensor in test.arrays]
+            splits[f"time-x{scale:g}"] = Split(
+                FeatureDataset(resampled, test.labels, test.names),
+                ood=True,
+                description=f"test items resampled to {scale:g}x their frames",
+            )
         skipped = [relative for relative in relatives if relative not in arrays]
         return DataBundle(dataset("train"), splits, pad_collate, info, len(skipped), skipped)
 

@@ -560,7 +560,7 @@ def predict_command(
 def export_command(
     run: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
     fmt: Annotated[
-        str, typer.Option("--format", help="torch-export (.pt2) or onnx (needs cope[onnx]).")
+        str, typer.Option("--format", help="torch-export (.pt2) or onnx (needs the onnx extra).")
     ] = "torch-export",
     out_file: Annotated[
         Path | None,
@@ -569,8 +569,8 @@ def export_command(
 ) -> None:
     """Export a run's best weights for inference outside cope.
 
-    The export uses CoPE's reference path (the same function, no length-dependent branches);
-    it takes one item's inputs (batch 1, any length the model allows) and returns logits.
+    It uses CoPE's reference path (the same function, no length-dependent branches), takes
+    one item's inputs (batch 1, any length the model allows) and returns the logits.
 
     Example: cope export runs/npy-folder/cope/seed0-STAMP --format onnx
     """

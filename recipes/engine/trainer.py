@@ -198,8 +198,7 @@ LENGTH_KEYS = ("train.steps", "train.epochs")  # what an extension may change
 def extendable(runs: list[Path], recipe_name: str, config: Config) -> Path | None:
     """The newest run differing from ``config`` only in being shorter (steps), or None.
 
-    Only a run whose last checkpoint is its last step can continue: a run stopped early by its
-    patience is not extended (it would stop again at once).
+    A finished run its patience stopped early is not extended (it would stop again at once).
     """
     if int(config.get("train.epochs") or 0):
         return None  # an extension is asked in steps
@@ -212,8 +211,13 @@ def extendable(runs: list[Path], recipe_name: str, config: Config) -> Path | Non
         wanted = {key: value for key, value in config.items() if key not in LENGTH_KEYS}
         if recipe != recipe_name or config_differences(same, wanted):
             continue
+        stopped_early = rundir.is_finished(run) and (
+            rundir.read_json(run / rundir.EVAL_FILE).get("step") != saved["train.steps"]
+        )
         if int(saved.get("train.epochs") or 0) == 0 and (
-            saved["train.steps"] < config["train.steps"] and rundir.has_checkpoint(run)
+            saved["train.steps"] < config["train.steps"]
+            and rundir.has_checkpoint(run)
+            and not stopped_early
         ):
             return run
     return None
@@ -264,7 +268,7 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
 
 
 def name_skipped(files: list[str], shown: int = 10) -> str:
-    """ ": a, b, ... and N more" naming the first ``shown`` skipped files ("" when none)."""
+    """The first ``shown`` skipped files after a colon, then "and N more"; "" when none."""
     if not files:
         return ""
     more = f" and {len(files) - shown} more" if len(files) > shown else ""

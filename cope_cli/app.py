@@ -193,15 +193,28 @@ def _resolve(
     cope_gate: str | None = None,
     precision: str | None = None,
     workers: int | None = None,
+    from_run: Path | None = None,
 ) -> tuple[str, str | None, dict[str, Any]]:
-    """Recipe name, preset and the keyword arguments of resolve_config from CLI options."""
+    """Recipe name, preset and the keyword arguments of resolve_config from CLI options.
+
+    ``from_run``: a run's saved config (recipe, preset, every option) is the file layer.
+    """
     from recipes.base import UserError
     from recipes.engine.config import load_recipe_file, parse_set_option
 
     file_options: dict[str, Any] = {}
     meta: dict[str, Any] = {}
+    if recipe_file is not None and from_run is not None:
+        raise UserError("give --recipe-file or --from, not both")
     if recipe_file is not None:
         file_options, meta = load_recipe_file(recipe_file)
+    if from_run is not None:
+        from recipes.engine import rundir
+
+        meta["recipe"], file_options = rundir.read_config(from_run)
+        preset_saved = rundir.read_json(from_run / rundir.CONFIG_FILE).get("preset")
+        if preset_saved is not None:
+            meta["preset"] = preset_saved
     recipe_name = recipe_arg or meta.get("recipe")
     if recipe_name is None:
         raise UserError("name a recipe (cope train RECIPE) or set recipe = ... in --recipe-file")
@@ -282,11 +295,20 @@ def train_command(
     out: OutOption = Path("runs"),
     set_: SetOption = None,
     recipe_file: RecipeFileOption = None,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Replay a run: its recipe, preset, options and data folder; options given "
+            "here still override.",
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
             "--resume",
-            help="Continue the newest unfinished run with these options (or reuse a finished one).",
+            help="Continue the newest unfinished run with these options (or reuse a finished "
+            "one); with more --steps than a finished run had, extend that run.",
         ),
     ] = False,
     force: ForceOption = False,
@@ -317,8 +339,12 @@ def train_command(
     recipe_name, preset_name, layers = _resolve(
         recipe, recipe_file=recipe_file, preset=preset, pe=pe, seed=seed, steps=steps,
         epochs=epochs, device=device, sets=set_, cope_gate=cope_gate,
-        precision=precision, workers=workers,
+        precision=precision, workers=workers, from_run=from_run,
     )  # fmt: skip
+    if from_run is not None and data_dir is None:
+        from recipes.engine.rundir import read_data_dir
+
+        data_dir = read_data_dir(from_run)
     recipe_obj = get_recipe(recipe_name)
     config = resolve_config(recipe_obj, preset=preset_name, **layers)
     preset_name = preset_options(recipe_obj, preset_name)[0]  # the recipe's default, if none
@@ -490,6 +516,68 @@ def eval_command(
         evaluation_table(result, f"{result['recipe']} pe={result['pe']} seed={result['seed']}")
     )
     console.print(f"run directory: {run_dir} ({result['weights']})", highlight=False)
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    target: Annotated[
+        Path, typer.Argument(help="A file, or a folder (searched recursively).", show_default=False)
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per file.", min=1)] = 5,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    device: DeviceOption = None,
+) -> None:
+    """The top classes of each file, read and featurised as training read them.
+
+    Works for the folder recipes (audio-folder, video-folder, npy-folder); only the run's
+    checkpoint is read, not its training data. Unreadable files are reported and skipped; the
+    exit code is non-zero only when no file could be predicted.
+
+    Example: cope predict runs/audio-folder/cope/seed0-STAMP mysounds/new --top-k 3
+    """
+    from cope_cli.render import prediction_table
+    from recipes.base import UserError
+    from recipes.engine.predict import predict_files
+
+    def skipped(path: str, reason: str) -> None:
+        error_console.print(f"skipped {path}: {reason}", highlight=False, soft_wrap=True)
+
+    result = predict_files(run, target, top_k=top_k, device=device or "auto", on_skip=skipped)
+    if json_output:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        console.print(prediction_table(result))
+    if not result.predictions:
+        raise UserError(f"no file could be predicted ({len(result.skipped)} skipped)")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    fmt: Annotated[
+        str, typer.Option("--format", help="torch-export (.pt2) or onnx (needs the onnx extra).")
+    ] = "torch-export",
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="File to write; default RUN/model.pt2 or RUN/model.onnx."),
+    ] = None,
+) -> None:
+    """Export a run's best weights for inference outside cope.
+
+    It uses CoPE's reference path (the same function, no length-dependent branches), takes
+    one item's inputs (batch 1, any length the model allows) and returns the logits.
+
+    Example: cope export runs/npy-folder/cope/seed0-STAMP --format onnx
+    """
+    from recipes.engine.export import export_run
+
+    path = export_run(run, fmt, out_file)
+    console.print(f"wrote {path}", highlight=False)
 
 
 @app.command("compare")

@@ -182,3 +182,14 @@ def print_files(files: dict[str, Any]) -> None:
         folder = Path(files["plots"][0]).parent
         names = ", ".join(Path(path).name for path in files["plots"])
         console.print(f"plots:   {folder}/ ({names})", highlight=False)
+
+
+def prediction_table(result: Any) -> Table:
+    """One row per file: its top classes with probabilities."""
+    table = Table(title=f"{result.recipe} predictions ({result.run_dir})")
+    table.add_column("file", overflow="fold")
+    table.add_column("top classes (probability)")
+    for prediction in result.predictions:
+        ranked = ", ".join(f"{name} ({p:.2f})" for name, p in prediction.top)
+        table.add_row(prediction.file, ranked)
+    return table

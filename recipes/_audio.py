@@ -290,6 +290,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "cope"
 
 
+def feature_cache_dir(config: Config, recipe: str, root: Path) -> Path:
+    """Where the feature caches of data folder ``root`` go, never inside it (it may be read-only).
+
+    ``data.cache_dir`` when set, else the user cache folder (:func:`default_cache_dir`, which
+    honours COPE_CACHE_DIR); one sub-folder per data folder, named by its absolute path.
+    """
+    chosen = str(config.get("data.cache_dir") or "")
+    base = Path(chosen).expanduser() if chosen else default_cache_dir() / recipe
+    where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return base / f"{Path(root).resolve().name}-{where}"
+
+
 def settings_hash(settings: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able dict of settings (the cache key)."""
     text = json.dumps(settings, sort_keys=True, default=str)

@@ -5,7 +5,8 @@ resampled to data.sample_rate). Listing and splits (list files or a stratified s
 data.seed) are :mod:`recipes.folders`', shared with the other folder recipes. Files soundfile
 cannot read are skipped and counted. Clips keep their length (up to ``data.max_seconds``)
 unless ``data.clip_seconds`` pads or crops them to a fixed length. Features: log-mel (default)
-or MFCC, cached once per setting under ``<data-dir>/.cache`` (see :mod:`recipes._audio`).
+or MFCC, cached once per setting under ``data.cache_dir`` (default: the user cache folder,
+so a read-only data folder works; see :func:`recipes._audio.feature_cache_dir`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from recipes._audio import (
     advance,
     cached,
     centre,
+    feature_cache_dir,
     feature_stats,
     progress_bar,
     read_audio,
@@ -38,6 +40,7 @@ from recipes.base import (
     Config,
     DataBundle,
     Split,
+    UnreadableFile,
     UserError,
     pad_collate,
     register_recipe,
@@ -60,6 +63,20 @@ class ClipSettings:
             raise UserError(f"data.stack must be at least 1, got {self.stack}")
 
 
+def clip_mel_db(path: Path, analyzer: MelAnalyzer, clip_seconds: float, max_seconds: float) -> Any:
+    """One file's cached form: mel_db (frames, mels) in float16, cropped or padded as set.
+
+    Raises AudioReadError for a file soundfile cannot read (or holding NaN/inf).
+    """
+    rate = analyzer.settings.sample_rate
+    wave = read_audio(path, rate)
+    if clip_seconds > 0:
+        wave = centre(wave, int(clip_seconds * rate))
+    elif max_seconds > 0:
+        wave = wave[: int(max_seconds * rate)]
+    return analyzer.mel_db(wave).half()
+
+
 def build_cache(
     root: Path,
     relatives: list[str],
@@ -69,22 +86,16 @@ def build_cache(
 ) -> dict[str, Any]:
     """Mel_db of every readable file (row -1 and a name in "skipped" for the others)."""
     analyzer = MelAnalyzer(settings)
-    rate = settings.sample_rate
     arrays, rows, skipped = [], [], []
     with progress_bar(f"caching features of {root.name}", len(relatives)) as bar, single_thread():
         for relative in relatives:
             advance(bar)
             try:
-                wave = read_audio(root / relative, rate)
+                arrays.append(clip_mel_db(root / relative, analyzer, clip_seconds, max_seconds))
             except AudioReadError:
                 rows.append(-1)
                 skipped.append(relative)
                 continue
-            if clip_seconds > 0:
-                wave = centre(wave, int(clip_seconds * rate))
-            elif max_seconds > 0:
-                wave = wave[: int(max_seconds * rate)]
-            arrays.append(analyzer.mel_db(wave).half())
             rows.append(len(arrays) - 1)
     import torch
 
@@ -96,7 +107,11 @@ def build_cache(
 
 
 def cached_features(
-    root: Path, relatives: list[str], settings: FeatureSettings, clips: ClipSettings
+    root: Path,
+    relatives: list[str],
+    settings: FeatureSettings,
+    clips: ClipSettings,
+    cache_dir: Path,
 ) -> dict[str, Any]:
     """The features of every listed file, built once per (analysis, clip settings, listing)."""
     listing = hashlib.sha256(
@@ -112,7 +127,7 @@ def cached_features(
         }
     )
     return cached(
-        root / ".cache" / f"features-{key}.pt",
+        cache_dir / f"features-{key}.pt",
         lambda: build_cache(root, relatives, settings, clips.clip_seconds, clips.max_seconds),
     )
 
@@ -134,6 +149,7 @@ class AudioFolder(SpectrogramClassifier):
         "data.sample_rate": 16000,
         "data.win_ms": 25.0,
         "data.hop_ms": 10.0,
+        "data.cache_dir": "",  # "": the user cache folder (COPE_CACHE_DIR), never the data folder
         **defaults_of(ClipSettings),
         **defaults_of(SpecAugmentSettings),
         "model.dim": 64,
@@ -143,6 +159,7 @@ class AudioFolder(SpectrogramClassifier):
         "model.npos": 64,
     }
     presets: dict[str, Config] = {}
+    file_suffixes = AUDIO_EXTENSIONS
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """List and split the folder, read (or load the cached) features, wrap the splits."""
@@ -151,7 +168,8 @@ class AudioFolder(SpectrogramClassifier):
         assignment = folders.assign_splits(root, classes, folders.SplitSettings.from_config(config))
         settings, clips = FeatureSettings.from_config(config), settings_of(ClipSettings, config)
         relatives = [relative for files in classes.values() for relative in files]
-        cache = cached_features(root, relatives, settings, clips)
+        cache_dir = feature_cache_dir(config, self.name, root)
+        cache = cached_features(root, relatives, settings, clips, cache_dir)
         mel_db = Ragged(cache["mel_db"]["flat"], cache["mel_db"]["offsets"])
         row_of = dict(zip(relatives, cache["rows"].tolist(), strict=True))
         chosen: dict[str, tuple[list[int], list[int]]] = {}
@@ -178,9 +196,26 @@ class AudioFolder(SpectrogramClassifier):
             "feature_dim": settings.n_features,
             "stack": clips.stack,
             "max_len": -(-longest // clips.stack) + 1,  # + the classifier's CLS token
+            "feature_mean": mean.tolist(),  # kept in checkpoints: prediction standardises so
+            "feature_std": std.tolist(),
         }
         splits = {
             "val": Split(dataset("val"), description="validation files"),
             "test": Split(dataset("test"), description="test files"),
         }
-        return DataBundle(dataset("train"), splits, pad_collate, info, len(cache["skipped"]))
+        skipped = list(cache["skipped"])
+        return DataBundle(dataset("train"), splits, pad_collate, info, len(skipped), skipped)
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A file's features as a training item's: same reading, analysis and statistics."""
+        import torch
+
+        analyzer = MelAnalyzer(FeatureSettings.from_config(config))
+        clips = settings_of(ClipSettings, config)
+        try:
+            mel_db = clip_mel_db(path, analyzer, clips.clip_seconds, clips.max_seconds)
+        except AudioReadError as error:
+            raise UnreadableFile(str(error) or "unreadable audio") from None
+        mean, std = torch.tensor(info["feature_mean"]), torch.tensor(info["feature_std"])
+        item = FeatureDataset(Ragged.from_list([mel_db]), [0], [0], analyzer, mean, std)[0]
+        return item["inputs"]

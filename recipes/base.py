@@ -28,6 +28,8 @@ IGNORE_INDEX = -100
 Config = dict[str, Any]
 
 
+class UnreadableFile(Exception):
+    """A file given for prediction that cannot be read or does not fit the trained model."""
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DataBundle:
     collate: Callable[[list[Any]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0  # unreadable items dropped while building the data
+    skipped_files: list[str] = field(default_factory=list)  # their names, where files
 
 
 class Recipe:
@@ -66,6 +69,7 @@ class Recipe:
     defaults: Config = {}
     presets: dict[str, Config] = {}
     default_preset: str | None = None
+    file_suffixes: tuple[str, ...] = ()  # files ``cope predict`` reads; () = cannot predict
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Build (or load and cache) the datasets for a resolved config."""
@@ -78,6 +82,17 @@ class Recipe:
         tasks or (B, T, classes) for token tasks.
         """
         raise NotImplementedError
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """Model inputs of one file, decoded and featurised exactly as the training items were.
+
+        ``info`` is the training data's info as the checkpoint keeps it (class names, feature
+        statistics). Raises :class:`UnreadableFile` for a file that cannot be used.
+        """
+        raise UserError(
+            f"recipe {self.name!r} cannot predict from files: its data is {self.data_source}, "
+            "not read from files"
+        )
 
     def download(self, data_dir: Path) -> Path:
         """Fetch the recipe's dataset into ``data_dir`` (``--download``, ``cope data``)."""

@@ -12,6 +12,9 @@ other folder recipes. Bad items (unreadable, not 2-D, not a real number type, em
 infinite, or with a feature count other than the majority's) are dropped from their split,
 counted in ``DataBundle.skipped`` and reported in one log line.
 
+OOD splits, chosen with ``data.ood_time_scales`` (e.g. "0.5,2"): the test items resampled in
+time to that many times their frames (linear interpolation), ``time-x0.5``, ``time-x2``.
+
 Features are standardised per feature with the training split's mean and deviation
 (``data.normalize``); the model is a FeatureFrontend (``data.stack`` frames per token), a
 bidirectional encoder and a SequenceClassifier.
@@ -36,6 +39,7 @@ from recipes.base import (
     DataBundle,
     Recipe,
     Split,
+    UnreadableFile,
     UserError,
     encoder_config,
     pad_collate,
@@ -53,10 +57,38 @@ class ArraySettings:
     stack: int = 1  # frames per token
     normalize: bool = True  # standardise each feature with the training split's statistics
     max_frames: int = 0  # > 0 keeps only the first max_frames frames of each item
+    ood_time_scales: str = ""  # e.g. "0.5,2": OOD splits time-x0.5, time-x2 of the test items
 
     def __post_init__(self) -> None:
         if self.stack < 1:
             raise UserError(f"data.stack must be at least 1, got {self.stack}")
+        self.time_scales()  # fail early on a malformed list
+
+    def time_scales(self) -> list[float]:
+        """The resampling factors of ``ood_time_scales`` (each > 0)."""
+        try:
+            scales = [float(part) for part in self.ood_time_scales.split(",") if part.strip()]
+        except ValueError:
+            scales = [0.0]
+        if any(scale <= 0 for scale in scales):
+            raise UserError(
+                "data.ood_time_scales must be a comma-separated list of positive factors, "
+                f"like '0.5,2', not {self.ood_time_scales!r}"
+            )
+        return scales
+
+
+def resample_time(array: torch.Tensor, scale: float) -> torch.Tensor:
+    """A (time, features) array at ``scale`` times as many frames, linearly interpolated.
+
+    The same trajectory at another rate (scale 2: twice as slow): first and last frames and the
+    feature values along the way are kept, only the number of frames changes.
+    """
+    frames = max(1, round(array.shape[0] * scale))
+    resized = torch.nn.functional.interpolate(
+        array.T[None], size=frames, mode="linear", align_corners=True
+    )
+    return resized[0].T.contiguous()
 
 
 class FeatureDataset(Dataset):
@@ -125,6 +157,12 @@ def read_usable(
     return arrays, reasons
 
 
+def model_input(array: np.ndarray, mean: np.ndarray, std: np.ndarray, normalize: bool) -> Any:
+    """A usable array as the model's float32 (time, features) input, standardised if set."""
+    array = (array - mean) / std if normalize else array
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
 def feature_statistics(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and deviation over all training frames (deviation floored)."""
     frames = np.concatenate(arrays, axis=0).astype(np.float64)
@@ -150,6 +188,7 @@ class NpyFolder(Recipe):
     }
     presets: dict[str, Config] = {}
     default_preset = None
+    file_suffixes = (".npy",)
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Read, check and split the folder; standardise with training statistics."""
@@ -174,12 +213,13 @@ class NpyFolder(Recipe):
         def dataset(split: str) -> FeatureDataset:
             tensors = []
             for key, _ in usable[split]:
-                array = (arrays[key] - mean) / std if settings.normalize else arrays[key]
-                tensors.append(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+                tensors.append(model_input(arrays[key], mean, std, settings.normalize))
             keys, labels = [key for key, _ in usable[split]], [label for _, label in usable[split]]
             return FeatureDataset(tensors, labels, keys)
 
+        scales = settings.time_scales()
         longest = max(array.shape[0] for array in arrays.values())
+        longest = max([longest, *(round(longest * scale) for scale in scales)])
         lists = folders.split_lists(root, split_settings) is not None
         info = {
             "num_classes": len(classes),
@@ -196,7 +236,16 @@ class NpyFolder(Recipe):
             "val": Split(dataset("val"), description="validation items"),
             "test": Split(dataset("test"), description="test items"),
         }
-        return DataBundle(dataset("train"), splits, pad_collate, info, sum(reasons.values()))
+        test = dataset("test")
+        for scale in scales:
+            resampled = [resample_time(tensor, scale) for tensor in test.arrays]
+            splits[f"time-x{scale:g}"] = Split(
+                FeatureDataset(resampled, test.labels, test.names),
+                ood=True,
+                description=f"test items resampled to {scale:g}x their frames",
+            )
+        skipped = [relative for relative in relatives if relative not in arrays]
+        return DataBundle(dataset("train"), splits, pad_collate, info, len(skipped), skipped)
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
         """FeatureFrontend (stacked frames) + encoder + sequence classification head."""
@@ -214,3 +263,17 @@ class NpyFolder(Recipe):
             )
         frontend = FeatureFrontend(int(info["feature_dim"]), encoder.dim, int(info["stack"]))
         return SequenceClassifier(frontend, encoder, int(info["num_classes"]))
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A file's array as a training item's: same checks, crop and training statistics."""
+        settings = settings_of(ArraySettings, config)
+        array, reason = read_features(path)
+        if array is None:
+            raise UnreadableFile(f"{path}: {reason}")
+        if array.shape[1] != int(info["feature_dim"]):
+            raise UnreadableFile(f"{path}: not {info['feature_dim']} features")
+        if settings.max_frames > 0:
+            array = array[: settings.max_frames]
+        mean = np.asarray(info["feature_mean"], dtype=np.float32)
+        std = np.asarray(info["feature_std"], dtype=np.float32)
+        return model_input(array, mean, std, settings.normalize)

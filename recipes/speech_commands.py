@@ -14,11 +14,13 @@ Protocols (``data.protocol``):
 
 Audio is read with soundfile (other rates resampled, stereo averaged), padded or cropped to 1 s
 around its middle, and turned into mel power in dB once; that is cached on disk per feature
-setting (``<root>/.cache/features-<hash>.pt``; the hash covers the analysis settings, data.seed,
-the OOD settings and the file listing, so any change builds a new cache). MFCC (40, default) or
-log-mel (80) features are finished from it on the fly. Training augmentation works in the
-feature domain (see :mod:`recipes._audio`): random time shift (frames), background noise mixed
-in the mel power domain, SpecAugment; later epochs do no audio work.
+setting (``<data.cache_dir>/<folder>-<hash of its path>/features-<hash>.pt``, by default in
+the user cache folder, so the data folder may be read-only; the hash covers the analysis
+settings, data.seed, the OOD settings and the file listing, so any change builds a new
+cache). MFCC (40, default) or log-mel (80) features are finished from it on the fly.
+Training augmentation works in the feature domain (see :mod:`recipes._audio`): random time
+shift (frames), background noise mixed in the mel power domain, SpecAugment; later epochs do
+no audio work.
 
 OOD splits, all built from the test split: ``speed`` (speed changed by a factor drawn from
 0.7-1.4 by resampling; slow clips keep their full length, over 1 s), ``pad2s-silence`` and
@@ -60,6 +62,7 @@ from recipes._audio import (
     centre,
     change_speed,
     default_cache_dir,
+    feature_cache_dir,
     feature_stats,
     fit_length,
     progress_bar,
@@ -372,6 +375,7 @@ def cached_features(
     noise_files: list[Path],
     settings: FeatureSettings,
     seed: int,
+    cache_dir: Path,
 ) -> dict[str, Any]:
     """The cache of :func:`build_cache`, keyed by everything that goes into it."""
     ood = OodSettings()
@@ -385,7 +389,7 @@ def cached_features(
         }
     )
     return cached(
-        root / ".cache" / f"features-{key}.pt",
+        cache_dir / f"features-{key}.pt",
         lambda: build_cache(root, items, split_of, noise_files, settings, ood, seed),
     )
 
@@ -514,6 +518,7 @@ class SpeechCommands(SpectrogramClassifier):
         "data.sample_rate": 16000,
         "data.win_ms": 30.0,
         "data.hop_ms": 10.0,
+        "data.cache_dir": "",  # "": the user cache folder (COPE_CACHE_DIR), never the data folder
         **defaults_of(SpecAugmentSettings),
         # Keyword spotting trains with a 100 ms shift and two masks of each kind (KWT's setting).
         "data.shift_ms": 100.0,
@@ -604,7 +609,10 @@ class SpeechCommands(SpectrogramClassifier):
             for rel, _ in items
         ]
         noise_files = sorted((root / NOISE_FOLDER).glob("*.wav"))
-        cache = cached_features(root, items, split_of, noise_files, settings, speech.seed)
+        cache_dir = feature_cache_dir(config, self.name, root)
+        cache = cached_features(
+            root, items, split_of, noise_files, settings, speech.seed, cache_dir
+        )
         mel_db = Ragged(cache["mel_db"]["flat"], cache["mel_db"]["offsets"])
         classes = protocol_classes(speech.protocol, sorted({word for _, word in items}))
         selections = {
@@ -651,4 +659,5 @@ class SpeechCommands(SpectrogramClassifier):
             "root": str(root),
         }
         train = dataset(*selections["train"][:2], train=True)
-        return DataBundle(train, splits, pad_collate, info, skipped=len(cache["skipped"]))
+        skipped = list(cache["skipped"])
+        return DataBundle(train, splits, pad_collate, info, len(skipped), skipped)

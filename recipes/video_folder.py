@@ -22,7 +22,9 @@ folder has no known notion of tempo, though ``data.fps`` can be changed at evalu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,22 @@ from recipes._video import (
     DecodeSettings,
     build_video_classifier,
     decode_all,
+    decode_video,
+    drop_frames,
     load_clip,
     normalise,
+    repeat_frames,
 )
-from recipes.base import Config, DataBundle, Recipe, Split, UserError, pad_collate, register_recipe
+from recipes.base import (
+    Config,
+    DataBundle,
+    Recipe,
+    Split,
+    UnreadableFile,
+    UserError,
+    pad_collate,
+    register_recipe,
+)
 from recipes.settings import defaults_of, settings_of
 
 
@@ -53,6 +67,53 @@ class CacheSettings:
     progress: bool = True  # a progress bar while decoding
 
 
+@dataclass(frozen=True)
+class RetimeSettings:
+    """OOD splits of the test videos, each off (0) unless set: ``data.ood_*``."""
+
+    ood_slow: int = 0  # > 1: every frame repeated this many times (split slow-xN)
+    ood_fast: int = 0  # > 1: every N-th frame kept (split fast-xN)
+    ood_crop: float = 0.0  # in (0, 1): the middle fraction of the frames kept (split crop-F)
+
+    def __post_init__(self) -> None:
+        if self.ood_slow < 0 or self.ood_fast < 0 or not 0 <= self.ood_crop < 1:
+            raise UserError(
+                "data.ood_slow and data.ood_fast must be whole factors >= 0 and data.ood_crop "
+                "a fraction in [0, 1)"
+            )
+
+    def transforms(self) -> dict[str, tuple[Callable[[Tensor], Tensor], str]]:
+        """Split name -> (what it does to a uint8 clip, description)."""
+        chosen: dict[str, tuple[Callable[[Tensor], Tensor], str]] = {}
+        if self.ood_slow > 1:
+            chosen[f"slow-x{self.ood_slow}"] = (
+                partial(repeat_frames, factor=self.ood_slow),
+                f"test videos at 1/{self.ood_slow} of the frame rate's speed (frames repeated)",
+            )
+        if self.ood_fast > 1:
+            chosen[f"fast-x{self.ood_fast}"] = (
+                partial(drop_frames, keep_every=self.ood_fast),
+                f"test videos {self.ood_fast}x faster (every {self.ood_fast}th frame)",
+            )
+        if self.ood_crop > 0:
+            chosen[f"crop-{self.ood_crop:g}"] = (
+                partial(crop_middle, fraction=self.ood_crop),
+                f"the middle {self.ood_crop:g} of each test video's frames",
+            )
+        return chosen
+
+    def longest(self, frames: int) -> int:
+        """The most frames a split can hold when training clips have ``frames``."""
+        return frames * max(self.ood_slow, 1)
+
+
+def crop_middle(clip: Tensor, fraction: float) -> Tensor:
+    """The middle ``fraction`` of a clip's frames (at least one): a temporal crop."""
+    keep = max(1, round(clip.shape[0] * fraction))
+    start = (clip.shape[0] - keep) // 2
+    return clip[start : start + keep]
+
+
 class VideoClips(Dataset):
     """Decoded clips (in memory or in the cache) with their class ids."""
 
@@ -63,8 +124,23 @@ class VideoClips(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        clip = normalise(load_clip(self.clips[index]))  # (frames, channels, size, size) float
+        clip = normalise(self.frames(index))  # (frames, channels, size, size) float
         return {"inputs": clip, "targets": self.labels[index]}
+
+    def frames(self, index: int) -> Tensor:
+        """The uint8 clip as decoded."""
+        return load_clip(self.clips[index])
+
+
+class RetimedClips(VideoClips):
+    """Clips with their frames changed (repeated, dropped, cropped) before normalising."""
+
+    def __init__(self, base: VideoClips, change: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(base.clips, base.labels)
+        self.change = change
+
+    def frames(self, index: int) -> Tensor:
+        return self.change(load_clip(self.clips[index]))
 
 
 def decode_settings(config: Config) -> DecodeSettings:
@@ -91,6 +167,7 @@ class VideoFolder(Recipe):
         **defaults_of(DecodeSettings),
         **folders.FOLDER_DEFAULTS,
         **defaults_of(CacheSettings),
+        **defaults_of(RetimeSettings),
         **VIDEO_MODEL_DEFAULTS,
         "train.steps": 2000,
         "train.batch_size": 16,
@@ -98,6 +175,7 @@ class VideoFolder(Recipe):
     }
     presets: dict[str, Config] = VIDEO_PRESETS
     default_preset = "small"
+    file_suffixes = VIDEO_SUFFIXES
 
     def build_data(self, config: Config, data_dir: Path | None, download: bool) -> DataBundle:
         """Find, split, decode (or load from the cache) and wrap the videos."""
@@ -106,20 +184,21 @@ class VideoFolder(Recipe):
         classes = folders.find_class_files(root, VIDEO_SUFFIXES, "video")
         assignment = folders.assign_splits(root, classes, folders.SplitSettings.from_config(config))
         settings, caching = decode_settings(config), settings_of(CacheSettings, config)
+        retime = settings_of(RetimeSettings, config)
         cache_dir = None
         if caching.cache:
             cache_dir = Path(caching.cache_dir) if caching.cache_dir else root / ".cope-cache"
         datasets: dict[str, VideoClips] = {}
-        skipped = 0
+        skipped: list[str] = []
         for split, members in assignment.items():
-            clips, errors = decode_all(
+            clips, _ = decode_all(
                 [root / relative for relative, _ in members],
                 root,
                 settings,
                 cache_dir,
                 show_progress=caching.progress,
             )
-            skipped += len(errors)
+            skipped += [rel for clip, (rel, _) in zip(clips, members, strict=True) if clip is None]
             kept = [
                 (clip, label)
                 for clip, (_, label) in zip(clips, members, strict=True)
@@ -133,17 +212,27 @@ class VideoFolder(Recipe):
         )
         info = {
             "num_classes": len(classes),
-            "classes": list(classes),
+            "class_names": list(classes),
             "channels": settings.channels,
             "frame_size": settings.size,
-            "max_frames": settings.frames,
+            "max_frames": retime.longest(settings.frames),
             "tubelet_frames": int(config["model.tubelet_frames"]),
         }
         splits = {
             "val": Split(datasets["val"], description="held-out videos"),
             "test": Split(datasets["test"], description="held-out videos"),
         }
-        return DataBundle(datasets["train"], splits, pad_collate, info, skipped)
+        for name, (change, description) in retime.transforms().items():
+            splits[name] = Split(RetimedClips(datasets["test"], change), True, description)
+        return DataBundle(datasets["train"], splits, pad_collate, info, len(skipped), skipped)
+
+    def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
+        """A video decoded and normalised as a training item (same decoding settings)."""
+        try:
+            clip = decode_video(path, decode_settings({**self.defaults, **config}))
+        except (ValueError, OSError) as error:
+            raise UnreadableFile(str(error)) from None
+        return VideoClips([clip], [0])[0]["inputs"]
 
     def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
         """Video frontend (tubelets) + encoder + classification head."""

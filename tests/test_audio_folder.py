@@ -104,3 +104,72 @@ def test_cli_trains_on_an_audio_folder_and_counts_skipped_files(tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "skipped 1" in result.output
     assert list((tmp_path / "runs" / "audio-folder" / "abs").glob("*/eval.json"))
+
+
+def test_features_are_cached_in_data_cache_dir_not_in_the_data_folder(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data")
+    AudioFolder().build_data({**CONFIG, "data.cache_dir": str(tmp_path / "cache")}, root, False)
+    assert list((tmp_path / "cache").glob("*/features-*.pt"))
+    assert not [path for path in root.rglob("*") if "cache" in path.name]
+
+
+@pytest.fixture
+def read_only_copy(tmp_path: Path):
+    """The test folder bind-mounted read-only (root cannot be stopped by chmod alone)."""
+    import os
+    import shutil
+    import subprocess
+
+    source, view = make_folder(tmp_path / "data"), tmp_path / "read-only"
+    view.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    mounted = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(source), str(view)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.strip()}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_a_read_only_data_folder_trains(read_only_copy: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    with pytest.raises(OSError):
+        (read_only_copy / "probe").write_text("x")
+    arguments = ["train", "audio-folder", "--pe", "rope", "--steps", "2"]
+    arguments += ["--data-dir", str(read_only_copy), "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, [*arguments, "--set", "train.batch_size=4"])
+    assert result.exit_code == 0, result.output
+
+
+def test_skipped_files_are_named_in_the_metrics_and_the_summary(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cope_cli.app import app
+
+    root = make_folder(tmp_path / "data")
+    arguments = ["train", "audio-folder", "--pe", "abs", "--steps", "2", "--data-dir", str(root)]
+    arguments += ["--out", str(tmp_path / "runs"), "--set", "train.batch_size=4"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "low/broken.wav" in " ".join(result.output.split())
+    (metrics,) = (tmp_path / "runs").glob("audio-folder/abs/*/metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (data,) = [record for record in records if record["kind"] == "data"]
+    assert data["skipped"] == 1 and data["skipped_files"] == ["low/broken.wav"]
+
+
+def test_the_summary_names_ten_skipped_files_then_counts_the_rest() -> None:
+    from recipes.engine.trainer import name_skipped
+
+    files = [f"c/{index}.wav" for index in range(13)]
+    assert name_skipped(files) == ": " + ", ".join(files[:10]) + " and 3 more"
+    assert name_skipped(files[:2]) == ": c/0.wav, c/1.wav" and name_skipped([]) == ""

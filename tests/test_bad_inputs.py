@@ -602,9 +602,10 @@ def test_resume_removes_temporary_files_a_killed_run_left(
 def test_damaged_feature_cache_is_rebuilt_not_trusted(tmp_path: Path) -> None:
     data = bad_inputs.audio_class_folder(tmp_path / "data")
     arguments = ["train", "audio-folder", "--pe", "rope", "--steps", "2", "--data-dir", data]
+    arguments += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     first = cope(*arguments, *TINY_AUDIO, "--out", tmp_path / "first")
     assert first.exit_code == 0, first.output
-    (cache,) = (data / ".cache").glob("features-*.pt")
+    (cache,) = (tmp_path / "cache").glob("*/features-*.pt")
     bad_inputs.flip_bit(cache)
     from recipes import _audio
 

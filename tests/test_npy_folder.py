@@ -166,3 +166,32 @@ def test_items_longer_than_max_len_are_a_user_error_naming_the_fix(tmp_path: Pat
     bundle = recipe.build_data(options, root, False)
     with pytest.raises(UserError, match="model.max_len"):
         recipe.build_model(options, bundle.info)
+
+
+def test_time_resampling_changes_the_length_and_keeps_the_trajectory() -> None:
+    from recipes.npy_folder import resample_time
+
+    ramp = torch.stack([torch.linspace(0, 9, 10), torch.linspace(5, -4, 10)], dim=1)
+    for scale in (0.5, 2.0, 3.0):
+        resampled = resample_time(ramp, scale)
+        assert resampled.shape == (round(10 * scale), 2)  # duration ratio, same features
+        torch.testing.assert_close(resampled[[0, -1]], ramp[[0, -1]])
+        expected = torch.stack([torch.linspace(0, 9, len(resampled))] * 2, dim=1)
+        expected[:, 1] = 5 - expected[:, 0]
+        torch.testing.assert_close(resampled, expected)  # a ramp stays the same ramp
+
+
+def test_ood_time_splits_hold_the_test_items_resampled(tmp_path: Path) -> None:
+    bundle = get_recipe("npy-folder").build_data(
+        config(**{"data.ood_time_scales": "0.5,2"}), write_folder(tmp_path / "data"), False
+    )
+    test = bundle.splits["test"].dataset
+    for name, scale in (("time-x0.5", 0.5), ("time-x2", 2.0)):
+        split = bundle.splits[name]
+        assert split.ood and split.dataset.labels == test.labels
+        for item, original in zip(split.dataset.arrays, test.arrays, strict=True):
+            assert item.shape == (round(original.shape[0] * scale), FEATURES)
+    with pytest.raises(UserError, match="ood_time_scales"):
+        get_recipe("npy-folder").build_data(
+            config(**{"data.ood_time_scales": "fast"}), tmp_path / "data", False
+        )

@@ -131,7 +131,7 @@ def test_noise_mixed_in_mel_power_matches_mixing_waveforms() -> None:
 
 def test_feature_cache_is_reused_and_invalidated_by_settings(tree, bundles, monkeypatch) -> None:
     data_dir, written = tree
-    cache_dir = written.root / ".cache"
+    cache_dir = _audio.feature_cache_dir(CONFIG, "speech-commands", written.root)
     before = set(cache_dir.glob("features-*.pt"))
     assert len(before) == 1  # both protocols share one cache
     _audio._MEMORY_CACHE.clear()

@@ -56,7 +56,7 @@ def test_corrupt_and_empty_files_are_skipped_and_counted(folder: Path, tmp_path:
     assert bundle.skipped == 2
     sizes = [len(bundle.train)] + [len(split.dataset) for split in bundle.splits.values()]
     assert sum(sizes) == 8  # the two unreadable files are gone, the .txt was never a video
-    assert bundle.info["classes"] == ["blue", "red"] and bundle.info["num_classes"] == 2
+    assert bundle.info["class_names"] == ["blue", "red"] and bundle.info["num_classes"] == 2
 
 
 def test_every_container_decodes_to_the_colour_it_was_written_with(folder: Path) -> None:
@@ -208,3 +208,23 @@ def test_cli_reports_a_missing_folder_in_one_sentence(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*arguments, "--data-dir", str(tmp_path / "none")])
     assert result.exit_code != 0
     assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_ood_splits_repeat_drop_and_crop_the_test_frames_and_change_nothing_else(
+    folder: Path, tmp_path: Path
+) -> None:
+    options = {**FAST, "data.cache_dir": str(tmp_path), "data.ood_slow": 2, "data.ood_fast": 2}
+    bundle = VideoFolder().build_data({**options, "data.ood_crop": 0.5}, folder, False)
+    test = bundle.splits["test"].dataset
+    assert {"slow-x2", "fast-x2", "crop-0.5"} <= set(bundle.splits)
+    assert bundle.info["max_frames"] == 12  # room for the slowed clips' positions
+    for index in range(len(test)):
+        clip = test[index]["inputs"]  # 6 frames
+        slow, fast, crop = (
+            bundle.splits[name].dataset[index] for name in bundle.splits if "-" in name
+        )
+        assert torch.equal(slow["inputs"], clip.repeat_interleave(2, dim=0))  # frames repeated
+        assert torch.equal(fast["inputs"], clip[::2])
+        assert torch.equal(crop["inputs"], clip[1:4])  # the middle half
+        assert slow["targets"] == fast["targets"] == crop["targets"] == test[index]["targets"]
+    assert all(bundle.splits[name].ood for name in ("slow-x2", "fast-x2", "crop-0.5"))

@@ -3,7 +3,11 @@
 A training checkpoint holds the model, optimiser and scheduler states, the fp16 loss scaler's
 state (empty for bf16/fp32), the step, the RNG states of python, numpy and torch (as tensors and
 lists, so no pickled objects are needed), the data sampler's position and the early-stopping
-state; that is everything a resumed run needs to continue bit for bit. (Batches draw their
+state; that is everything a resumed run needs to continue bit for bit. Both ``best.pt`` and
+``checkpoint.pt`` also carry what inference needs without the training data
+(:func:`inference_state`): the resolved config and the data's ``info`` (class names, feature
+statistics, feature sizes), so ``cope predict`` and ``cope export`` rebuild the model from the
+checkpoint alone. (Batches draw their
 random numbers from seeds derived from the sampler position, see ``feeding.py``.)
 """
 
@@ -22,6 +26,27 @@ from recipes.base import UserError
 from recipes.files import DamagedFile, load_verified, save_verified
 
 FORMAT_VERSION = 2  # 2: a sha256 content digest inside the file (1: none)
+
+
+def inference_state(config: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The config and data info a model is rebuilt from, reduced to what loads weights-only."""
+    return {"config": _portable(dict(config)), "info": _portable(dict(info))}
+
+
+def _portable(value: Any) -> Any:
+    """``value`` with what ``torch.load(weights_only=True)`` cannot read left out (or None)."""
+    if isinstance(value, dict):
+        kept = {str(key): _portable(item) for key, item in value.items()}
+        return {key: item for key, item in kept.items() if item is not None}
+    if isinstance(value, list | tuple):
+        return [_portable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str | int | float | bool | torch.Tensor):
+        return value
+    return None
 
 
 def previous_of(path: Path) -> Path:

@@ -168,6 +168,11 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 def load_recipe_file(path: Path) -> tuple[Config, dict[str, Any]]:
     """Options (flat dotted keys) and meta keys (``recipe``, ``preset``) of a recipe file."""
+    if Path(path).name == "config.json":
+        raise UserError(
+            f"{path} is a run's saved config, not a recipe file; replay that run with "
+            f"`cope train --from {Path(path).parent}`"
+        )
     table = load_toml(path)
     meta = {key: table.pop(key) for key in FILE_META_KEYS if key in table}
     for key, value in meta.items():

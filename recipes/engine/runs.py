@@ -1,4 +1,8 @@
-"""Reopening finished (or unfinished) runs: rebuild data and model, load the best weights."""
+"""Reopening finished (or unfinished) runs: rebuild data and model, load the best weights.
+
+:func:`load_run` rebuilds the data too (evaluation needs it); :func:`load_model` rebuilds only
+the model, from what a self-contained checkpoint carries (prediction and export need no data).
+"""
 
 from __future__ import annotations
 
@@ -87,6 +91,53 @@ def load_run(
     target = resolve_device(device, config)
     model.to(target).eval()
     return LoadedRun(run_dir, recipe, config, bundle, model, weights, target)
+
+
+@dataclass
+class LoadedModel:
+    """A run's model rebuilt from its checkpoint alone, with what inference needs."""
+
+    run_dir: Path
+    recipe: Recipe
+    config: Config
+    info: dict[str, Any]  # the training data's info: class names, feature statistics, sizes
+    model: nn.Module
+    weights: Path
+    device: torch.device
+
+
+def load_model(
+    run_dir: Path, *, device: str = "auto", model_options: Mapping[str, Any] | None = None
+) -> LoadedModel:
+    """A run's best (else latest) weights in its model, without building any data.
+
+    ``model_options`` change ``model.*`` keys that leave the weights as they are (export picks
+    ``model.cope_impl=reference``, the CoPE path without data-dependent control flow).
+
+    Checkpoints written before they carried their config and data info cannot be used so; the
+    UserError says to evaluate them with ``cope eval`` or to train again.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no {rundir.CONFIG_FILE})")
+    recipe_name, _ = rundir.read_config(run_dir)
+    weights = run_dir / rundir.BEST_FILE
+    if not weights.is_file():
+        weights = run_dir / rundir.CHECKPOINT_FILE
+    state = load_checkpoint(weights, recipe_name)
+    if "info" not in state or "config" not in state:
+        raise UserError(
+            f"{weights} predates self-contained checkpoints (no class names or feature "
+            "statistics inside); `cope eval` still reads it, train again to predict or export"
+        )
+    recipe = get_recipe(recipe_name)
+    config, info = {**state["config"], **(model_options or {})}, state["info"]
+    torch.manual_seed(config["train.seed"])
+    model = recipe.build_model(config, info)
+    load_model_state(model, state, weights)
+    target = resolve_device(device, config)
+    model.to(target).eval()
+    return LoadedModel(run_dir, recipe, config, info, model, weights, target)
 
 
 def with_data_options(config: Config, data_options: Mapping[str, Any]) -> Config:

@@ -30,6 +30,7 @@ from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe, pad_
 from recipes.engine import rundir
 from recipes.engine.checkpoint import (
     capture_rng_state,
+    inference_state,
     load_checkpoint,
     load_for_resume,
     load_model_state,
@@ -188,6 +189,38 @@ class _Plan:
     run_dir: Path | None  # None: create a new one
     reuse: bool = False
     note: str | None = None
+    extend: bool = False  # continue a finished run to more steps (``--resume --steps N``)
+
+
+LENGTH_KEYS = ("train.steps", "train.epochs")  # what an extension may change
+
+
+def extendable(runs: list[Path], recipe_name: str, config: Config) -> Path | None:
+    """The newest run differing from ``config`` only in being shorter (steps), or None.
+
+    A finished run its patience stopped early is not extended (it would stop again at once).
+    """
+    if int(config.get("train.epochs") or 0):
+        return None  # an extension is asked in steps
+    for run in reversed(runs):
+        try:
+            recipe, saved = rundir.read_config(run)
+        except UserError:
+            continue
+        same = {key: value for key, value in saved.items() if key not in LENGTH_KEYS}
+        wanted = {key: value for key, value in config.items() if key not in LENGTH_KEYS}
+        if recipe != recipe_name or config_differences(same, wanted):
+            continue
+        stopped_early = rundir.is_finished(run) and (
+            rundir.read_json(run / rundir.EVAL_FILE).get("step") != saved["train.steps"]
+        )
+        if int(saved.get("train.epochs") or 0) == 0 and (
+            saved["train.steps"] < config["train.steps"]
+            and rundir.has_checkpoint(run)
+            and not stopped_early
+        ):
+            return run
+    return None
 
 
 def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
@@ -206,6 +239,14 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
         if newest in finished:
             return _Plan(newest, reuse=True, note=f"reusing finished run {newest}")
     if options.resume and not matching:
+        longer = extendable(runs, recipe_name, config)
+        if longer is not None:
+            before = rundir.read_config(longer)[1]["train.steps"]
+            return _Plan(
+                longer,
+                extend=True,
+                note=f"extending {longer} from {before} to {config['train.steps']} steps",
+            )
         note = "no run with this configuration to resume; starting a new one"
         if not runs and not options.explain_fresh:
             note = None
@@ -224,6 +265,14 @@ def plan_run(recipe_name: str, config: Config, options: TrainOptions) -> _Plan:
             f"({finished[-1]}); pass --force to train another one or --resume to reuse it"
         )
     return _Plan(None)
+
+
+def name_skipped(files: list[str], shown: int = 10) -> str:
+    """The first ``shown`` skipped files after a colon, then "and N more"; "" when none."""
+    if not files:
+        return ""
+    more = f" and {len(files) - shown} more" if len(files) > shown else ""
+    return ": " + ", ".join(files[:shown]) + more
 
 
 def describe_overlap(overlap: dict[str, int]) -> str:
@@ -351,6 +400,8 @@ class Trainer:
             return RunResult(plan.run_dir, "reused", evaluation.get("step", 0), evaluation)
         self.setup()
         if plan.run_dir is not None:
+            if plan.extend:
+                self.extend(plan.run_dir)
             self.restore(plan.run_dir)
         else:
             self.start()
@@ -386,6 +437,7 @@ class Trainer:
         if self.bundle.skipped and self.is_main:
             self.observer.message(
                 f"skipped {self.bundle.skipped} unreadable items while building the data"
+                + name_skipped(self.bundle.skipped_files)
             )
         overlap = self.bundle.info.get("train_overlap")  # generated recipes: eval items in training
         if overlap is not None and self.is_main:
@@ -418,6 +470,24 @@ class Trainer:
             seed=settings.seed,
             rank=context.rank,
         )
+
+    def extend(self, run_dir: Path) -> None:
+        """Make a (finished) run the longer one asked for: its config's steps, no ``done``.
+
+        The restored checkpoint is the run's last step; the learning-rate schedule is the new
+        length's from there on (a constant schedule continues as one uninterrupted run would).
+        """
+        if self.is_main:
+            saved = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+            rundir.write_config(
+                run_dir,
+                self.recipe.name,
+                self.config,
+                saved.get("preset"),
+                rundir.read_data_dir(run_dir),
+            )
+            (run_dir / rundir.DONE_FILE).unlink(missing_ok=True)
+        barrier(self.context)
 
     def restore(self, run_dir: Path) -> None:
         """Continue ``run_dir`` from its checkpoint: weights, optimiser, sampler, RNG streams."""
@@ -469,6 +539,7 @@ class Trainer:
                 "train_size": len(self.bundle.train),  # type: ignore[arg-type]
                 "splits": {name: len(split.dataset) for name, split in self.bundle.splits.items()},
                 "skipped": self.bundle.skipped,
+                "skipped_files": self.bundle.skipped_files,
                 "train_overlap": self.bundle.info.get("train_overlap"),
                 "total_steps": self.total_steps,
             }
@@ -624,6 +695,7 @@ class Trainer:
                         "model": model.state_dict(),
                         "step": step,
                         "val": result,
+                        **inference_state(self.config, self.bundle.info),
                     },
                 )
             else:
@@ -646,6 +718,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
             "rng": rng_states[0],
+            **inference_state(self.config, self.bundle.info),
         }
         if self.context.enabled:
             state["rng_per_rank"] = rng_states

@@ -64,6 +64,10 @@ class PositionSpec:
     # (its default; --cope-nodiv gives the paper's formula, our default False).
     cope_scale_logits: bool = False
     attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
+    # Gate-sum regulariser (0 = off): while training, CoPE adds
+    # weight * mean relu(sum_j g_ij - budget)^2 as an auxiliary loss (:func:`gate_budget_penalty`).
+    cope_gate_budget: float = 0.0
+    cope_gate_weight: float = 0.01
 
     @property
     def head_dim(self) -> int:
@@ -399,6 +403,21 @@ class T5RelativePositions(PositionEncoding):
         return F.embedding(buckets, self.bias).permute(2, 0, 1)  # (heads, T, T)
 
 
+def gate_budget_penalty(
+    gates: Tensor, budget: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """mean over real queries of relu(sum_j g_ij - budget)^2; gates (B, H, T, T), 0 where masked.
+
+    A soft cap on how many position steps a query counts over the whole sequence: gates that
+    count events should open about once per event, not on every token.
+    """
+    excess = F.relu(gates.sum(-1) - budget).square()  # (B, H, T)
+    if key_padding_mask is None:
+        return excess.mean()
+    real = (~key_padding_mask)[:, None, :].to(excess.dtype).expand_as(excess)
+    return (excess * real).sum() / real.sum().clamp(min=1)
+
+
 @register_position_encoding("cope")
 class ContextualPositions(PositionEncoding):
     """CoPE: gated, context-dependent positions; replaces the attention kernel.
@@ -413,6 +432,9 @@ class ContextualPositions(PositionEncoding):
     (q_i . e[n]) / sqrt(d). ``spec.attn_dropout`` drops attention weights while training (the
     kernels have no dropout, so training with it runs the reference, which keeps the weights).
     While recording, ``last_gates`` keeps the gates (B, H, T, T) for `cope positions`.
+    With ``spec.cope_gate_budget > 0``, each training forward leaves ``auxiliary_loss``: the
+    weighted gate-sum penalty (:func:`gate_budget_penalty`), gates recomputed by
+    :func:`encoders.cope.cope_gates` so it works with every kernel (the fused one keeps none).
     """
 
     acts_on = "kernel"
@@ -433,6 +455,7 @@ class ContextualPositions(PositionEncoding):
         # unused parameter would upset DDP).
         self.gate_head = nn.Linear(spec.dim, spec.heads) if spec.cope_gate == "token" else None
         self.last_gates: Tensor | None = None
+        self.auxiliary_loss: Tensor | None = None
 
     def gate_inputs(
         self, k: Tensor, layer_input: Tensor | None
@@ -477,6 +500,13 @@ class ContextualPositions(PositionEncoding):
         gate = {"gate": self.spec.cope_gate, "gate_keys": gate_keys, "gate_logits": gate_logits}
         dropout = self.spec.attn_dropout if self.training else 0.0
         self.last_gates = None
+        self.auxiliary_loss = None
+        if self.training and self.spec.cope_gate_budget > 0:
+            gates = cope_gates(
+                q, k, causal=self.spec.causal, key_padding_mask=key_padding_mask, **gate
+            )
+            penalty = gate_budget_penalty(gates, self.spec.cope_gate_budget, key_padding_mask)
+            self.auxiliary_loss = self.spec.cope_gate_weight * penalty
         if record or dropout > 0:
             # The reference is the one path that keeps weights (to show, or to drop out).
             out, weights, positions = reference_cope_attention(

@@ -403,15 +403,49 @@ class T5RelativePositions(PositionEncoding):
         return F.embedding(buckets, self.bias).permute(2, 0, 1)  # (heads, T, T)
 
 
-def gate_budget_penalty(
-    gates: Tensor, budget: float, key_padding_mask: Tensor | None = None
+def gate_sums(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    gate: str = "qk",
+    gate_keys: Tensor | None = None,
+    gate_logits: Tensor | None = None,
 ) -> Tensor:
-    """mean over real queries of relu(sum_j g_ij - budget)^2; gates (B, H, T, T), 0 where masked.
+    """sum_j g_ij over each query's allowed keys, (B, H, T): what the gate budget bounds.
+
+    Equal to ``cope_gates(...).sum(-1)`` but leaner, so the regulariser costs little beside a
+    kernel that keeps no gates: one (B, H, T, T) product for qk and onset (whose gate
+    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the token gate.
+    """
+    if gate == "token":
+        gates = torch.sigmoid(gate_logits.float())
+        if key_padding_mask is not None:
+            gates = gates.masked_fill(key_padding_mask[:, None, :], 0.0)
+        return gates.cumsum(-1) if causal else gates.sum(-1, keepdim=True).expand_as(gates)
+    keys = gate_keys if gate == "onset" else k
+    with torch.autocast(q.device.type, enabled=False):
+        logits = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    gates = torch.sigmoid(logits) if gate == "qk" else torch.tanh(logits / 2).abs()
+    length = q.shape[-2]
+    if causal:
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        gates = gates.masked_fill(future, 0.0)
+    if key_padding_mask is not None:
+        gates = gates.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+    return gates.sum(-1)
+
+
+def gate_budget_penalty(
+    sums: Tensor, budget: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """mean over real queries of relu(sum_j g_ij - budget)^2, from the gate sums (B, H, T).
 
     A soft cap on how many position steps a query counts over the whole sequence: gates that
     count events should open about once per event, not on every token.
     """
-    excess = F.relu(gates.sum(-1) - budget).square()  # (B, H, T)
+    excess = F.relu(sums - budget).square()
     if key_padding_mask is None:
         return excess.mean()
     real = (~key_padding_mask)[:, None, :].to(excess.dtype).expand_as(excess)
@@ -433,8 +467,8 @@ class ContextualPositions(PositionEncoding):
     kernels have no dropout, so training with it runs the reference, which keeps the weights).
     While recording, ``last_gates`` keeps the gates (B, H, T, T) for `cope positions`.
     With ``spec.cope_gate_budget > 0``, each training forward leaves ``auxiliary_loss``: the
-    weighted gate-sum penalty (:func:`gate_budget_penalty`), gates recomputed by
-    :func:`encoders.cope.cope_gates` so it works with every kernel (the fused one keeps none).
+    weighted gate-sum penalty (:func:`gate_budget_penalty`), the sums recomputed by
+    :func:`gate_sums` so it works with every kernel (the fused one keeps no gates).
     """
 
     acts_on = "kernel"
@@ -502,10 +536,10 @@ class ContextualPositions(PositionEncoding):
         self.last_gates = None
         self.auxiliary_loss = None
         if self.training and self.spec.cope_gate_budget > 0:
-            gates = cope_gates(
+            sums = gate_sums(
                 q, k, causal=self.spec.causal, key_padding_mask=key_padding_mask, **gate
             )
-            penalty = gate_budget_penalty(gates, self.spec.cope_gate_budget, key_padding_mask)
+            penalty = gate_budget_penalty(sums, self.spec.cope_gate_budget, key_padding_mask)
             self.auxiliary_loss = self.spec.cope_gate_weight * penalty
         if record or dropout > 0:
             # The reference is the one path that keeps weights (to show, or to drop out).

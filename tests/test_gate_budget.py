@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from encoders.cope import cope_gates, onset_keys
 from encoders.cope_cpu import kernel_available
-from encoders.positions import ContextualPositions, PositionSpec, gate_budget_penalty
+from encoders.positions import (
+    ContextualPositions,
+    PositionSpec,
+    gate_budget_penalty,
+    gate_sums,
+)
 from encoders.transformer import EncoderConfig, SequenceClassifier, auxiliary_loss
 from recipes.base import get_recipe
 from recipes.engine.config import resolve_config
@@ -26,11 +32,27 @@ class _Tokens(torch.nn.Module):
 
 
 def test_penalty_matches_a_hand_computation() -> None:
-    gates = torch.tensor([[[[1.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.0]]]])
-    # row sums 2, 1.5, 0.5 against budget 1: excesses 1, 0.5, 0 -> squares 1, 0.25, 0
-    assert gate_budget_penalty(gates, 1.0).item() == pytest.approx((1 + 0.25 + 0) / 3)
+    sums = torch.tensor([[[2.0, 1.5, 0.5]]])
+    # budget 1: excesses 1, 0.5, 0 -> squares 1, 0.25, 0
+    assert gate_budget_penalty(sums, 1.0).item() == pytest.approx((1 + 0.25 + 0) / 3)
     padded = torch.tensor([[False, False, True]])  # the third query is padding: not counted
-    assert gate_budget_penalty(gates, 1.0, padded).item() == pytest.approx((1 + 0.25) / 2)
+    assert gate_budget_penalty(sums, 1.0, padded).item() == pytest.approx((1 + 0.25) / 2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("gate", ["qk", "onset", "token"])
+def test_gate_sums_equal_the_row_sums_of_the_reference_gates(causal: bool, gate: str) -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    inputs = {
+        "gate": gate,
+        "gate_keys": onset_keys(k) if gate == "onset" else None,
+        "gate_logits": torch.randn(2, 2, 6) if gate == "token" else None,
+    }
+    options = {"causal": causal, "key_padding_mask": padding, **inputs}
+    expected = cope_gates(q, k, **options).sum(-1)
+    torch.testing.assert_close(gate_sums(q, k, **options), expected)
 
 
 @pytest.mark.parametrize("causal", [True, False])

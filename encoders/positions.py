@@ -64,6 +64,10 @@ class PositionSpec:
     # (its default; --cope-nodiv gives the paper's formula, our default False).
     cope_scale_logits: bool = False
     attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
+    # Gate-sum regulariser (0 = off): while training, CoPE adds
+    # weight * mean relu(sum_j g_ij - budget)^2 as an auxiliary loss (:func:`gate_budget_penalty`).
+    cope_gate_budget: float = 0.0
+    cope_gate_weight: float = 0.01
 
     @property
     def head_dim(self) -> int:
@@ -399,6 +403,55 @@ class T5RelativePositions(PositionEncoding):
         return F.embedding(buckets, self.bias).permute(2, 0, 1)  # (heads, T, T)
 
 
+def gate_sums(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    gate: str = "qk",
+    gate_keys: Tensor | None = None,
+    gate_logits: Tensor | None = None,
+) -> Tensor:
+    """sum_j g_ij over each query's allowed keys, (B, H, T): what the gate budget bounds.
+
+    Equal to ``cope_gates(...).sum(-1)`` but leaner, so the regulariser costs little beside a
+    kernel that keeps no gates: one (B, H, T, T) product for qk and onset (whose gate
+    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the token gate.
+    """
+    if gate == "token":
+        gates = torch.sigmoid(gate_logits.float())
+        if key_padding_mask is not None:
+            gates = gates.masked_fill(key_padding_mask[:, None, :], 0.0)
+        return gates.cumsum(-1) if causal else gates.sum(-1, keepdim=True).expand_as(gates)
+    keys = gate_keys if gate == "onset" else k
+    with torch.autocast(q.device.type, enabled=False):
+        logits = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    gates = torch.sigmoid(logits) if gate == "qk" else torch.tanh(logits / 2).abs()
+    length = q.shape[-2]
+    if causal:
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        gates = gates.masked_fill(future, 0.0)
+    if key_padding_mask is not None:
+        gates = gates.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+    return gates.sum(-1)
+
+
+def gate_budget_penalty(
+    sums: Tensor, budget: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """mean over real queries of relu(sum_j g_ij - budget)^2, from the gate sums (B, H, T).
+
+    A soft cap on how many position steps a query counts over the whole sequence: gates that
+    count events should open about once per event, not on every token.
+    """
+    excess = F.relu(sums - budget).square()
+    if key_padding_mask is None:
+        return excess.mean()
+    real = (~key_padding_mask)[:, None, :].to(excess.dtype).expand_as(excess)
+    return (excess * real).sum() / real.sum().clamp(min=1)
+
+
 @register_position_encoding("cope")
 class ContextualPositions(PositionEncoding):
     """CoPE: gated, context-dependent positions; replaces the attention kernel.
@@ -413,6 +466,9 @@ class ContextualPositions(PositionEncoding):
     (q_i . e[n]) / sqrt(d). ``spec.attn_dropout`` drops attention weights while training (the
     kernels have no dropout, so training with it runs the reference, which keeps the weights).
     While recording, ``last_gates`` keeps the gates (B, H, T, T) for `cope positions`.
+    With ``spec.cope_gate_budget > 0``, each training forward leaves ``auxiliary_loss``: the
+    weighted gate-sum penalty (:func:`gate_budget_penalty`), the sums recomputed by
+    :func:`gate_sums` so it works with every kernel (the fused one keeps no gates).
     """
 
     acts_on = "kernel"
@@ -433,6 +489,7 @@ class ContextualPositions(PositionEncoding):
         # unused parameter would upset DDP).
         self.gate_head = nn.Linear(spec.dim, spec.heads) if spec.cope_gate == "token" else None
         self.last_gates: Tensor | None = None
+        self.auxiliary_loss: Tensor | None = None
 
     def gate_inputs(
         self, k: Tensor, layer_input: Tensor | None
@@ -477,6 +534,13 @@ class ContextualPositions(PositionEncoding):
         gate = {"gate": self.spec.cope_gate, "gate_keys": gate_keys, "gate_logits": gate_logits}
         dropout = self.spec.attn_dropout if self.training else 0.0
         self.last_gates = None
+        self.auxiliary_loss = None
+        if self.training and self.spec.cope_gate_budget > 0:
+            sums = gate_sums(
+                q, k, causal=self.spec.causal, key_padding_mask=key_padding_mask, **gate
+            )
+            penalty = gate_budget_penalty(sums, self.spec.cope_gate_budget, key_padding_mask)
+            self.auxiliary_loss = self.spec.cope_gate_weight * penalty
         if record or dropout > 0:
             # The reference is the one path that keeps weights (to show, or to drop out).
             out, weights, positions = reference_cope_attention(

@@ -55,6 +55,9 @@ class EncoderConfig:
     # The paper's formula (False) or the authors' code (True): CoPE's position logits / sqrt(d).
     cope_scale_logits: bool = False
     attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
+    # CoPE's gate-sum regulariser: budget on sum_j g_ij per query (0 = off) and its loss weight.
+    cope_gate_budget: float = 0.0
+    cope_gate_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -63,6 +66,8 @@ class EncoderConfig:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.cope_gate not in GATES:
             raise ValueError(f"cope_gate must be one of {', '.join(GATES)}, got {self.cope_gate!r}")
+        if self.cope_gate_budget < 0 or self.cope_gate_weight < 0:
+            raise ValueError("cope_gate_budget and cope_gate_weight must not be negative")
         if not 0.0 <= self.attn_dropout < 1.0:
             raise ValueError(f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         if self.dim % self.heads:
@@ -91,6 +96,8 @@ class EncoderConfig:
             cope_gate=self.cope_gate,
             cope_scale_logits=self.cope_scale_logits,
             attn_dropout=self.attn_dropout,
+            cope_gate_budget=self.cope_gate_budget,
+            cope_gate_weight=self.cope_gate_weight,
         )
 
 
@@ -103,6 +110,21 @@ def grid_coords(length: int, grid: tuple[int, ...], device: torch.device) -> Ten
         index = index // size
     coords.append(index)
     return torch.stack(coords[::-1], dim=1)
+
+
+def auxiliary_loss(model: nn.Module) -> Tensor | None:
+    """The sum of the auxiliary losses the model's layers left in their last forward, or None.
+
+    A layer that adds a term to the training loss (CoPE's gate budget) sets its
+    ``auxiliary_loss`` attribute during a training forward; the trainer adds this sum.
+    """
+    terms = [
+        term
+        for module in model.modules()
+        if (term := getattr(module, "auxiliary_loss", None)) is not None
+        and isinstance(term, Tensor)
+    ]
+    return torch.stack(terms).sum() if terms else None
 
 
 class FeedForward(nn.Sequential):

@@ -146,7 +146,13 @@ def read_json(path: Path) -> Any:
 # every recipe). A saved config without the key gets this value, so older finished runs are
 # still found identical (reused) and group with new ones in reports.
 ADDED_KEYS: dict[str, Config] = {
-    "*": {"model.cope_gate": "qk", "model.cope_scale_logits": False, "model.attn_dropout": 0.0},
+    "*": {
+        "model.cope_gate": "qk",
+        "model.cope_scale_logits": False,
+        "model.attn_dropout": 0.0,
+        "model.cope_gate_budget": 0.0,
+        "model.cope_gate_weight": 0.01,
+    },
     "audio-events": {"data.deltas": False},
     "moving-shapes": {"data.frame_diff": False},
     # Text evaluation splits were drawn without removing training items before data.dedup.

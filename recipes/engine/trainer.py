@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from encoders.transformer import auxiliary_loss
 from recipes.base import Config, DataBundle, Recipe, UserError, get_recipe, pad_collate
 from recipes.engine import rundir
 from recipes.engine.checkpoint import (
@@ -592,8 +593,11 @@ class Trainer:
         with autocast_context(self.device, self.precision):
             logits = forward_batch(self.trained, batch)
         loss = answer_loss(logits, batch["targets"], count)
+        # Terms a layer adds to what is optimised (CoPE's gate budget); the log keeps the task loss.
+        extra = auxiliary_loss(self.model)
+        objective = loss if extra is None else loss + extra.to(loss.dtype)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(objective).backward()
         if self.settings.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.trained.parameters(), self.settings.grad_clip)

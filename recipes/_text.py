@@ -309,18 +309,39 @@ TEXT_DEFAULTS: Config = {
 }
 
 
-class SparseDenseTask(Recipe):
+class GeneratedTextTask(Recipe):
+    """A generated token task (counting, selective-copy, flip-flop): error per answer, a token
+    model with an answer head on every position, and evaluation items kept out of training."""
+
+    modality = "text"
+    data_source = "generated"
+    metric = "error"
+    default_preset = "small"
+
+    def text_bundle(
+        self, config: Config, train: GeneratedTokenDataset, splits: dict[str, Split], info: dict
+    ) -> DataBundle:
+        """The bundle, after replacing every evaluation item that also occurs in training
+        (``info["train_overlap"]`` says how many remain: 0 with data.dedup)."""
+        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
+        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
+
+    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
+        """Token embeddings, a causal encoder, and an answer head on every position."""
+        return build_token_model(config, info)
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        """The sequence's tokens, for the contextual-position heatmap."""
+        return token_signal(item, info)
+
+
+class SparseDenseTask(GeneratedTextTask):
     """A generated token task evaluated as the paper does: ``val`` and ``test`` from the training
     distribution, then a sparse and a dense variant of it (flip-flop, selective-copy).
 
     Subclasses build the data with :meth:`sparse_dense_bundle`, naming the setting each split
     source draws from (``test``, ``sparse``, ``dense``) and how a setting makes a dataset.
     """
-
-    modality = "text"
-    data_source = "generated"
-    metric = "error"
-    default_preset = "small"
 
     def split_names(self) -> list[str]:
         """Evaluation splits: in distribution, then the OOD ones."""
@@ -334,8 +355,7 @@ class SparseDenseTask(Recipe):
         describe: Callable[[Any], str],
         info: dict[str, Any],
     ) -> DataBundle:
-        """Train (on the ``test`` setting), val, test, sparse and dense, with no eval item that
-        also occurs in training (``info["train_overlap"]`` says how many were replaced)."""
+        """Train (on the ``test`` setting), val, test, sparse and dense."""
         eval_size = option(config, "data.eval_size", int)
 
         def split(name: str, source: str, ood: bool) -> Split:
@@ -349,13 +369,4 @@ class SparseDenseTask(Recipe):
             "dense": split("dense", "dense", True),
         }
         train = dataset("train", option(config, "data.train_size", int), settings["test"])
-        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
-        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        """Token embeddings, a causal encoder, and an answer head on every position."""
-        return build_token_model(config, info)
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """The sequence's tokens, for the contextual-position heatmap."""
-        return token_signal(item, info)
+        return self.text_bundle(config, train, splits, info)

@@ -30,30 +30,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from recipes._text import (
     PAPER_MODEL,
     PAPER_TRAIN,
     SMALL_MODEL,
     SMALL_TRAIN,
     TEXT_DEFAULTS,
+    GeneratedTextTask,
     GeneratedTokenDataset,
     Vocabulary,
-    build_token_model,
     check_range,
     option,
-    separate_from_training,
-    token_signal,
 )
 from recipes.base import (
     IGNORE_INDEX,
     Config,
     DataBundle,
-    Recipe,
     Split,
     UserError,
-    pad_collate,
     register_recipe,
 )
 
@@ -174,14 +168,11 @@ PAPER: Config = {
 
 
 @register_recipe
-class Counting(Recipe):
+class Counting(GeneratedTextTask):
     """Value of a variable after a program of `v = 0 ;`, `v ++ ;` and `pass ;` statements."""
 
     name = "counting"
-    modality = "text"
     task = "value (0-10) of a variable after a program of assignments, increments and passes"
-    data_source = "generated"
-    metric = "error"
     defaults: Config = {
         **TEXT_DEFAULTS,
         "data.num_vars": 1,
@@ -192,7 +183,6 @@ class Counting(Recipe):
         **SMALL,
     }
     presets: dict[str, Config] = {"small": SMALL, "paper": PAPER}
-    default_preset = "small"
 
     def split_names(self) -> list[str]:
         """Evaluation splits: in distribution, then the OOD ones."""
@@ -257,17 +247,7 @@ class Counting(Recipe):
             "max_len": longest_program(most_statements),
             "answer_names": [str(value) for value in range(NUM_CLASSES)],
         }
-        train = dataset("train", train_size, lengths)
-        info["train_overlap"] = separate_from_training(self.name, config, train, splits)
-        return DataBundle(train=train, splits=splits, collate=pad_collate, info=info)
-
-    def build_model(self, config: Config, info: dict[str, Any]) -> nn.Module:
-        """Token embeddings, a causal encoder, and an 11-way answer head on every position."""
-        return build_token_model(config, info)
-
-    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-        """The program's tokens, for the contextual-position heatmap."""
-        return token_signal(item, info)
+        return self.text_bundle(config, dataset("train", train_size, lengths), splits, info)
 
 
 def majority_error(dataset: GeneratedTokenDataset) -> float:

@@ -808,8 +808,10 @@ def data_command(
         typer.Option(help="Write a generated recipe's data as a folder tree in this layout."),
     ] = None,
 ) -> None:
-    """Fetch a recipe's dataset into ROOT, write a generated one as a folder tree (--layout), or
-    describe a generated recipe's splits.
+    """Fetch a dataset into ROOT, write a generated one as a folder tree, or describe it.
+
+    Download recipes: the dataset goes into ROOT. --layout: a generated recipe's data is
+    written as a folder tree in that layout.
 
     Generated recipes: the size of each split and, for the text tasks, how many of its items
     also occur in training (0 with data.dedup, the default).

@@ -96,8 +96,9 @@ def time_stretch(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.T
 
     STFT with a ~32 ms Hann window and 75 % overlap, :func:`torchaudio.functional.phase_vocoder`
     at rate ``1 / factor``, inverse STFT to ``round(factor * samples)`` samples. A plain phase
-    vocoder loses level when it slows down (measured on a 440 Hz tone: -4.7 dB at 2x, as
-    librosa's does), so the result is scaled back to the input's RMS: only the duration changes.
+    vocoder loses level when it slows down (a 440 Hz tone: -4.6 dB at 2x, -4.4 dB at 1.25x,
+    results/audio-ood/transforms.md; librosa's does too, librosa issue #1388), so the result is
+    scaled back to the input's RMS: only the duration changes.
     """
     n_fft = 2 ** max(6, round(math.log2(sample_rate * 0.032)))
     hop = n_fft // 4

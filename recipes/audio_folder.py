@@ -198,8 +198,6 @@ def build_cache(
                 skipped.append(relative)
                 continue
             rows.append(len(arrays) - 1)
-    import torch
-
     return {
         "mel_db": Ragged.from_list(arrays).state(),
         "rows": torch.tensor(rows, dtype=torch.long),
@@ -379,8 +377,6 @@ class AudioFolder(SpectrogramClassifier):
 
     def read_file(self, path: Path, config: Config, info: dict[str, Any]) -> Any:
         """A file's features as a training item's: same reading, analysis and statistics."""
-        import torch
-
         analyzer = MelAnalyzer(FeatureSettings.from_config(config))
         clips = settings_of(ClipSettings, config)
         try:

@@ -91,6 +91,48 @@ def change_speed(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.T
     return resample(wave, source_rate, sample_rate)
 
 
+def time_stretch(wave: torch.Tensor, factor: float, sample_rate: int) -> torch.Tensor:
+    """``wave`` made ``factor`` times as long with its pitch kept (torchaudio's phase vocoder).
+
+    STFT with a ~32 ms Hann window and 75 % overlap, :func:`torchaudio.functional.phase_vocoder`
+    at rate ``1 / factor``, inverse STFT to ``round(factor * samples)`` samples. A plain phase
+    vocoder loses level when it slows down (a 440 Hz tone: -4.6 dB at 2x, -4.4 dB at 1.25x,
+    results/audio-ood/transforms.md; librosa's does too, librosa issue #1388), so the result is
+    scaled back to the input's RMS: only the duration changes.
+    """
+    n_fft = 2 ** max(6, round(math.log2(sample_rate * 0.032)))
+    hop = n_fft // 4
+    window = torch.hann_window(n_fft)
+    length = max(1, round(wave.shape[-1] * factor))
+    padded = fit_length(wave, max(wave.shape[-1], n_fft))  # the STFT's reflect padding needs it
+    spectrum = torch.stft(padded, n_fft, hop, window=window, return_complex=True)
+    phase_advance = torch.linspace(0, math.pi * hop, n_fft // 2 + 1)[:, None]
+    stretched = torchaudio.functional.phase_vocoder(spectrum, 1.0 / factor, phase_advance)
+    stretched_length = round(padded.shape[-1] * factor)
+    long = torch.istft(stretched, n_fft, hop, window=window, length=stretched_length)
+    long = fit_length(long, length)
+    level, stretched_level = wave_rms(wave), wave_rms(long)
+    return long * (level / stretched_level) if stretched_level > 0 else long
+
+
+def wave_rms(wave: torch.Tensor) -> float:
+    """Root mean square of a waveform's samples."""
+    return float(wave.pow(2).mean().sqrt())
+
+
+def noise_excerpt(
+    rng: np.random.Generator, noises: list[torch.Tensor], length: int
+) -> torch.Tensor:
+    """``length`` samples from a random background recording at a random offset (looped)."""
+    if not noises:
+        return torch.zeros(length)
+    noise = noises[int(rng.integers(len(noises)))]
+    if noise.shape[0] < length:
+        noise = noise.repeat(length // noise.shape[0] + 1)
+    start = int(rng.integers(noise.shape[0] - length + 1))
+    return noise[start : start + length]
+
+
 # ----------------------------------------------------------------------------- features
 
 

@@ -65,6 +65,7 @@ from recipes._audio import (
     feature_cache_dir,
     feature_stats,
     fit_length,
+    noise_excerpt,
     progress_bar,
     read_audio,
     scan_class_folders,
@@ -243,19 +244,6 @@ def listing_signature(root: Path, items: list[tuple[str, str]], noise: list[Path
     for path in noise:
         digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def noise_excerpt(
-    rng: np.random.Generator, noises: list[torch.Tensor], length: int
-) -> torch.Tensor:
-    """``length`` samples from a random background recording at a random offset (looped)."""
-    if not noises:
-        return torch.zeros(length)
-    noise = noises[int(rng.integers(len(noises)))]
-    if noise.shape[0] < length:
-        noise = noise.repeat(length // noise.shape[0] + 1)
-    start = int(rng.integers(noise.shape[0] - length + 1))
-    return noise[start : start + length]
 
 
 def ood_variant(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -170,7 +171,7 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
         if wide:
             cells.append(convergence_cell(result, pe))
         label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
-        table.add_row(label, str(seeds), *cells)
+        table.add_row(escape(label), str(seeds), *cells)  # "cope[onset]" is no rich markup
     return table
 
 

@@ -502,6 +502,11 @@ def test_compare_table_fits_an_80_column_terminal() -> None:
     wide = Console(width=200, record=True)
     wide.print(comparison_table(result, width=200))
     assert "[0.923, 0.983]" in wide.export_text()
+    result["pes"] = ["cope[onset]"]  # a gate variant's label is text, not rich markup
+    for split in splits.values():
+        split["by_pe"] = {"cope[onset]": split["by_pe"]["cope"]}
+    narrow.print(comparison_table(result, width=80))
+    assert "cope[onset]" in narrow.export_text()
 
 
 def test_data_describes_a_generated_text_task_with_its_training_overlap() -> None:

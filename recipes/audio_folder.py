@@ -205,6 +205,30 @@ def build_cache(
     }
 
 
+def features_key(
+    root: Path,
+    relatives: list[str],
+    settings: FeatureSettings,
+    clips: ClipSettings,
+    **extra: Any,
+) -> str:
+    """The cache key of features of ``relatives``: analysis, clip settings, the listing (names
+    and sizes) and ``extra`` (what an OOD split adds)."""
+    listing = hashlib.sha256(
+        "".join(f"{rel}:{(root / rel).stat().st_size}\n" for rel in relatives).encode()
+    ).hexdigest()
+    return settings_hash(
+        {
+            "version": CACHE_VERSION,
+            "analysis": settings.analysis_key(),
+            "clip_seconds": clips.clip_seconds,
+            "max_seconds": clips.max_seconds,
+            "listing": listing,
+            **extra,
+        }
+    )
+
+
 def cached_features(
     root: Path,
     relatives: list[str],
@@ -213,18 +237,7 @@ def cached_features(
     cache_dir: Path,
 ) -> dict[str, Any]:
     """The features of every listed file, built once per (analysis, clip settings, listing)."""
-    listing = hashlib.sha256(
-        "".join(f"{rel}:{(root / rel).stat().st_size}\n" for rel in relatives).encode()
-    ).hexdigest()
-    key = settings_hash(
-        {
-            "version": CACHE_VERSION,
-            "analysis": settings.analysis_key(),
-            "clip_seconds": clips.clip_seconds,
-            "max_seconds": clips.max_seconds,
-            "listing": listing,
-        }
-    )
+    key = features_key(root, relatives, settings, clips)
     return cached(
         cache_dir / f"features-{key}.pt",
         lambda: build_cache(root, relatives, settings, clips.clip_seconds, clips.max_seconds),
@@ -245,20 +258,8 @@ def cached_ood_features(
     generator seeded with (seed, i), so every split and rerun gets the same draws.
     """
     name, transform, noise_level, seed = split
-    listing = hashlib.sha256(
-        "".join(f"{rel}:{(root / rel).stat().st_size}\n" for rel in relatives).encode()
-    ).hexdigest()
-    key = settings_hash(
-        {
-            "version": CACHE_VERSION,
-            "analysis": settings.analysis_key(),
-            "clip_seconds": clips.clip_seconds,
-            "max_seconds": clips.max_seconds,
-            "listing": listing,
-            "split": name,
-            "noise_level": noise_level,
-            "seed": seed,
-        }
+    key = features_key(
+        root, relatives, settings, clips, split=name, noise_level=noise_level, seed=seed
     )
 
     def build() -> dict[str, Any]:

@@ -481,12 +481,12 @@ class ChangeGate(nn.Module):
     Initialisation (a_h = SHARPNESS / dim everywhere, b_h = -SHARPNESS * THRESHOLD):
     l_jh = SHARPNESS * (mean_c |d_jc| - THRESHOLD), a gate that opens where the normalised
     features change by more than THRESHOLD per channel on average (two unrelated tokens differ
-    by about 1.13) and is sigmoid(-SHARPNESS * THRESHOLD) < 1e-3 on a steady input, so that
-    positions start out counting changes, not tokens.
+    by about 1.13, and their gate is about 0.94) and is sigmoid(-SHARPNESS * THRESHOLD) < 1e-4
+    on a steady input, so that positions start out counting changes, not tokens.
     """
 
     THRESHOLD = 0.9
-    SHARPNESS = 8.0
+    SHARPNESS = 12.0
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()

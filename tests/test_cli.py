@@ -524,3 +524,26 @@ def test_option_help_lists_what_the_registries_hold() -> None:
         text = " ".join(cope(command, "--help").output.split())
         assert all(f" {name}," in text or f" {name}." in text for name in list_position_encodings())
         assert all(gate in text for gate in GATES)
+
+
+def test_compare_with_jobs_trains_runs_in_parallel_exactly_as_alone(tmp_path: Path) -> None:
+    args = ["compare", "tiny-majority", "--pe", "abs,rope", "--seeds", "2", "--steps", "4"]
+    serial = cope(*args, "--out", tmp_path / "serial")
+    parallel = cope(*args, "--jobs", "2", "--out", tmp_path / "parallel")
+    assert parallel.exit_code == 0, parallel.output
+    assert parallel.output.count("started:") == 4 and parallel.output.count("finished:") == 4
+    for folder in ("serial", "parallel"):
+        assert len(rundir.find_runs(tmp_path / folder, "tiny-majority")) == 4
+
+    def evaluations(folder: str) -> list[dict]:
+        runs = sorted(
+            rundir.find_runs(tmp_path / folder, "tiny-majority"),
+            key=lambda run: json.loads((run / "config.json").read_text())["config"]["model.pe"]
+            + str(json.loads((run / "config.json").read_text())["config"]["train.seed"]),
+        )
+        return [json.loads((run / "eval.json").read_text())["splits"] for run in runs]
+
+    assert serial.exit_code == 0 and evaluations("serial") == evaluations("parallel")
+    # the parallel grid reuses finished runs like a serial one
+    again = cope(*args, "--jobs", "2", "--out", tmp_path / "parallel")
+    assert again.exit_code == 0 and again.output.count("reused:") == 4

@@ -181,8 +181,8 @@ JobsOption = Annotated[
         "-j",
         min=1,
         help="Runs trained at once, each in its own process with an equal share of the torch "
-        "threads (on a few CPU cores, small models train faster as N one-thread processes). "
-        "Each run is the same as alone.",
+        "threads (for machines with more cores than one small run keeps busy). Each run is "
+        "the same as alone; progress is one line per run.",
     ),
 ]
 ForceOption = Annotated[

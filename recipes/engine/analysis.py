@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipes.base import Config, get_recipe, pad_collate
+from recipes.base import Config, UserError, get_recipe, pad_collate
 from recipes.engine import rundir
 from recipes.engine.alignment import mean_score
 from recipes.engine.evaluate import move_batch
@@ -137,8 +137,13 @@ def run_alignment(loaded: LoadedRun, examples: int) -> dict[str, dict[str, Any]]
         used = 0
         for index in range(min(examples, len(dataset))):  # type: ignore[arg-type]
             item = dataset[index]
-            layers = record_example(loaded.model, move_batch(collate([item]), loaded.device))
             signal = loaded.recipe.example_signal(item, bundle.info)
+            if not signal or "onsets" not in signal:
+                return {}  # the recipe's examples carry no events (text tokens, frames)
+            try:
+                layers = record_example(loaded.model, move_batch(collate([item]), loaded.device))
+            except ImportError as error:
+                raise UserError(f"the model cannot record attention ({error})") from None
             alignment = alignment_of_layers(layers, signal, causal=causal, trailing=trailing)
             if not alignment:
                 continue  # no onsets in this example, or no positions recorded

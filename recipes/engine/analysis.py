@@ -116,8 +116,8 @@ def question_counts(loaded: LoadedRun) -> dict[str, dict[str, dict[str, int]]]:
     return {name: result.get("questions", {}) for name, result in results.items()}
 
 
-def nanmean(values: list[float]) -> float:
-    """Mean of the values that are numbers; NaN when none is."""
+def nanmean(values: list[float | None]) -> float:
+    """Mean of the values that are numbers (NaN and JSON's null left out); NaN when none is."""
     kept = [value for value in values if value is not None and not math.isnan(value)]
     return sum(kept) / len(kept) if kept else math.nan
 

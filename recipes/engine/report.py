@@ -38,7 +38,12 @@ from typing import Any
 
 from recipes.base import Config, UserError
 from recipes.engine import rundir
-from recipes.engine.analysis import ALIGNMENT_EXAMPLES, ALIGNMENT_STATISTICS, analyse_run
+from recipes.engine.analysis import (
+    ALIGNMENT_EXAMPLES,
+    ALIGNMENT_STATISTICS,
+    analyse_run,
+    nanmean,
+)
 from recipes.engine.config import VOLATILE_KEYS
 from recipes.engine.evaluate import metric_label, metric_value, natural_key
 from recipes.files import write_atomic, write_text_atomic
@@ -424,7 +429,7 @@ def aggregate_alignment(
             views = {
                 "best": layers[layer],
                 "mean": {
-                    key: _nanmean([_number(row.get(key)) for row in layers])
+                    key: nanmean([row.get(key) for row in layers])
                     for key in ALIGNMENT_STATISTICS
                 },
             }
@@ -462,11 +467,6 @@ def aggregate_alignment(
             if pe in collected
         },
     }
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [value for value in values if not math.isnan(value)]
-    return sum(kept) / len(kept) if kept else math.nan
 
 
 def alignment_split(result: dict[str, Any]) -> str | None:

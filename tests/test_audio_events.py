@@ -210,4 +210,4 @@ def test_cli_trains_audio_events_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "### Per question" in markdown and "| cope | event n=1 | 1 |" in markdown
-    assert "alignment / onset recall, slow (best layer)" in markdown
+    assert "alignment / onset recall, slow (best layer on val)" in markdown

@@ -159,7 +159,7 @@ def test_alignment_is_computed_for_cope_runs_only(runs, tmp_path):
     table = files["markdown"].read_text().split("### Per question")[0]
     (abs_row,) = [line for line in table.splitlines() if line.startswith("| abs |")]
     (cope_row,) = [line for line in table.splitlines() if line.startswith("| cope |")]
-    assert "alignment / onset recall, long (best layer)" in table
+    assert "alignment / onset recall, long (best layer on val)" in table
     assert abs_row.endswith("| - |")
     assert re.search(r"\| \d\.\d\d / \d\.\d\d \|$", cope_row)  # score / recall
 

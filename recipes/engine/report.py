@@ -482,7 +482,7 @@ def alignment_split(result: dict[str, Any]) -> str | None:
 
 def alignment_heading(result: dict[str, Any]) -> str:
     """Title of the main table's alignment column."""
-    return f"alignment / onset recall, {alignment_split(result)} (best layer)"
+    return f"alignment / onset recall, {alignment_split(result)} (best layer on val)"
 
 
 def alignment_cell(result: dict[str, Any], pe: str) -> str:

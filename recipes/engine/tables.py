@@ -84,7 +84,7 @@ def markdown_table(results: dict[str, Any], part: str = "main") -> str:
     headings = [f"{split} (OOD)" if order[split][0] else split for split in splits]
     aligned = {alignment_split(group) for group in groups} - {None}
     on = f" on {next(iter(aligned))}" if len(aligned) == 1 else ""  # else named in the cells
-    extra = [f"alignment / onset recall{on} (best layer)"] if aligned else []
+    extra = [f"alignment / onset recall{on} (best layer on val)"] if aligned else []
     lines = _table_head([*lead, "seeds", *headings, *extra])
     for group in groups:
         digits = 1 if group["metric"] == "error" else 3

@@ -21,6 +21,9 @@ from rich.table import Table
 from cope_cli.console import console
 from recipes.engine.evaluate import metric_label, metric_value
 from recipes.engine.report import (
+    alignment_cell,
+    alignment_heading,
+    alignment_split,
     convergence_cell,
     convergence_heading,
     format_cell,
@@ -144,7 +147,7 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
 
     Narrower than 120 columns (an 80-column terminal), cells drop the interval and the
     steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger, so
-    no cell wraps.
+    no cell wraps. CoPE rows of a report with event alignment get its score / onset recall.
     """
     wide = (width or console.width) >= 120
     interval = " [95% CI]" if wide else ""
@@ -160,6 +163,9 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
         table.add_column(heading, justify="right", no_wrap=True)
     if wide:  # steps to threshold: report.md and results.json keep it in narrow terminals
         table.add_column(convergence_heading(result), justify="right")
+    aligned = alignment_split(result) is not None
+    if aligned:
+        table.add_column(alignment_heading(result), justify="right")
     tuning = (result.get("tuning") or {}).get("by_pe", {})
     for pe in result["pes"]:
         cells, seeds = [], 0
@@ -170,6 +176,8 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
             seeds = max(seeds, summary["n"] if summary else 0)
         if wide:
             cells.append(convergence_cell(result, pe))
+        if aligned:
+            cells.append(alignment_cell(result, pe))
         label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
         table.add_row(escape(label), str(seeds), *cells)  # "cope[onset]" is no rich markup
     return table

@@ -227,7 +227,12 @@ def run_grid(
         done = [pair for index, pair in enumerate(done) if index in chosen]
     names = {str(run.run_dir): job.variant for job, run in done if job.variant}
     result.results, result.files = build_report(
-        [run.run_dir for _, run in done], output_dir, pe_order, names or None, tuning
+        [run.run_dir for _, run in done],
+        output_dir,
+        pe_order,
+        names or None,
+        tuning,
+        on_message=observer.message,
     )
     return result
 

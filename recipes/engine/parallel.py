@@ -4,8 +4,10 @@ A small model's step is many small ops whose Python and dispatch overhead does n
 threads, so one run rarely keeps many cores busy; N runs at once can. The torch threads of this
 process are shared out among the workers (at least one each). On a machine whose cores are
 already taken it gains nothing: measured on the shared 2-CPU machine under load ~5, two
-one-thread audio-events runs took 165 s against 107 s for the two in turn at two threads. Each run is the same as it would be alone (same config, same run directory, same
-seeded data), so a parallel grid reuses and resumes runs exactly like a serial one.
+one-thread audio-events runs took 165 s against 107 s for the two in turn at two threads.
+
+Each run is the same as it would be alone (same config, same run directory, same seeded data),
+so a parallel grid reuses and resumes runs exactly like a serial one.
 
 Ctrl-C: every worker stops after its current step, saving a checkpoint (as ``cope train``
 does), runs not yet started are cancelled, and the grid reports itself interrupted.

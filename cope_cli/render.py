@@ -146,40 +146,65 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
     """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds.
 
     Narrower than 120 columns (an 80-column terminal), cells drop the interval and the
-    steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger, so
-    no cell wraps. CoPE rows of a report with event alignment get its score / onset recall.
+    steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger;
+    where mean ± std still does not fit, cells show the mean alone. No cell wraps and the
+    encoding names are never cut. CoPE rows of a report with event alignment get its score /
+    onset recall.
     """
-    wide = (width or console.width) >= 120
+    width = width or console.width
+    wide = width >= 120
+    tuning = (result.get("tuning") or {}).get("by_pe", {})
+    labels = [f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe for pe in result["pes"]]
+    headings = [
+        split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
+        for name, entry in result["splits"].items()
+    ]
+    aligned = alignment_split(result) is not None
+    extra = [convergence_heading(result)] * wide + [alignment_heading(result)] * aligned
+
+    def rows(style: str) -> list[list[str]]:
+        table_rows = []
+        for pe, label in zip(result["pes"], labels, strict=True):
+            cells, seeds = [], 0
+            for entry in result["splits"].values():
+                summary = entry["by_pe"].get(pe)
+                seeds = max(seeds, summary["n"] if summary else 0)
+                if not summary:
+                    cells.append("–")
+                elif style == "mean":
+                    cells.append(format_cell({**summary, "n": 1}, result["metric"], False, False))
+                else:
+                    cells.append(format_cell(summary, result["metric"], wide, seeds_note=wide))
+            if wide:
+                cells.append(convergence_cell(result, pe))
+            if aligned:
+                cells.append(alignment_cell(result, pe))
+            table_rows.append([label, str(seeds), *cells])
+        return table_rows
+
+    def needed(table_rows: list[list[str]]) -> int:
+        columns = zip(["pe", "seeds", *headings, *extra], *table_rows, strict=True)
+        return sum(max(len(text) for text in column) + 3 for column in columns) + 1
+
+    body, note, spread = rows("std"), "intervals in report.md", " ± std"
+    if not wide and needed(body) > width:
+        body, note, spread = rows("mean"), "means only here; std and intervals in report.md", ""
+    seed_counts = {row[1] for row in body}
+    seeds_column = wide or needed(body) <= width or len(seed_counts) > 1
+    over = "seeds" if seeds_column else f"{seed_counts.pop()} seeds"
     interval = " [95% CI]" if wide else ""
     table = Table(
-        title=f"{result['title']} — {result['metric_label']}, mean ± std{interval} over seeds",
-        caption=None if wide else "† out of distribution; intervals in report.md",
+        title=f"{result['title']} — {result['metric_label']}, mean{spread}{interval} over {over}",
+        caption=None if wide else f"† out of distribution; {note}",
         show_lines=False,
     )
-    table.add_column("pe", style="bold", no_wrap=True)
-    table.add_column("seeds", justify="right")
-    for name, entry in result["splits"].items():
-        heading = split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
-        table.add_column(heading, justify="right", no_wrap=True)
-    if wide:  # steps to threshold: report.md and results.json keep it in narrow terminals
-        table.add_column(convergence_heading(result), justify="right")
-    aligned = alignment_split(result) is not None
-    if aligned:
-        table.add_column(alignment_heading(result), justify="right")
-    tuning = (result.get("tuning") or {}).get("by_pe", {})
-    for pe in result["pes"]:
-        cells, seeds = [], 0
-        for entry in result["splits"].values():
-            summary = entry["by_pe"].get(pe)
-            cell = format_cell(summary, result["metric"], wide, seeds_note=wide) if summary else "–"
-            cells.append(cell)
-            seeds = max(seeds, summary["n"] if summary else 0)
-        if wide:
-            cells.append(convergence_cell(result, pe))
-        if aligned:
-            cells.append(alignment_cell(result, pe))
-        label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
-        table.add_row(escape(label), str(seeds), *cells)  # "cope[onset]" is no rich markup
+    table.add_column("pe", style="bold", no_wrap=True, min_width=max(map(len, labels)))
+    if seeds_column:
+        table.add_column("seeds", justify="right", no_wrap=True, min_width=5)
+    for heading in [*headings, *extra]:
+        table.add_column(heading, justify="right", no_wrap=heading in headings)
+    for label, seeds, *cells in body:
+        table.add_row(escape(label), *([seeds] if seeds_column else []), *cells)  # no markup
     return table
 
 

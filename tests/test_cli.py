@@ -509,6 +509,27 @@ def test_compare_table_fits_an_80_column_terminal() -> None:
     assert "cope[onset]" in narrow.export_text()
 
 
+def test_compare_table_with_many_splits_keeps_the_encoding_names_at_80_columns() -> None:
+    from rich.console import Console
+
+    from cope_cli.render import comparison_table
+
+    names = ["val", "test", "fast", "more-words", "slow", "unseen-voices"]
+    summary = {"mean": 0.947, "std": 0.0301, "n": 3, "ci_low": 0.873, "ci_high": 1.0}
+    by_pe = dict.fromkeys(("cope", "nope"), summary)
+    splits = {name: {"ood": name not in ("val", "test"), "by_pe": by_pe} for name in names}
+    result = {"title": "spoken-words", "metric": "accuracy", "metric_label": "accuracy",
+              "pes": ["cope", "nope"], "splits": splits}  # fmt: skip
+    narrow = Console(width=80, record=True)
+    narrow.print(comparison_table(result, width=80))
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line for line in lines if line.lstrip("│ ").startswith(("cope", "nope"))]
+    assert len(rows) == 2 and all(row.count("0.947") == 6 for row in rows)  # means, unclipped
+    assert "means only here" in text and "mean over 3 seeds" in text and "…" not in text
+
+
 def test_data_describes_a_generated_text_task_with_its_training_overlap() -> None:
     result = cope("data", "flip-flop", "--set", "data.train_size=50", "--set", "data.eval_size=5")
     assert result.exit_code == 0, result.output

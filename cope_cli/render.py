@@ -145,66 +145,83 @@ def evaluation_table(evaluation: dict[str, Any], title: str) -> Table:
 def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
     """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds.
 
-    Narrower than 120 columns (an 80-column terminal), cells drop the interval and the
-    steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger;
-    where mean ± std still does not fit, cells show the mean alone. No cell wraps and the
-    encoding names are never cut. CoPE rows of a report with event alignment get its score /
-    onset recall.
+    The most detailed layout that fits the terminal: in turn, cells drop the interval and the
+    steps-to-threshold column goes (OOD splits then marked with a dagger), cells show the mean
+    alone, the alignment column goes, the seed count moves into the title; report.md keeps
+    everything. No cell wraps; encoding names are never cut. CoPE rows of a report with event
+    alignment get its score / onset recall.
     """
     width = width or console.width
-    wide = width >= 120
+    pes = result["pes"]
     tuning = (result.get("tuning") or {}).get("by_pe", {})
-    labels = [f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe for pe in result["pes"]]
-    headings = [
-        split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
-        for name, entry in result["splits"].items()
+    labels = [f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe for pe in pes]
+    entries = result["splits"].values()
+    seeds = [
+        max((e["by_pe"][pe]["n"] for e in entries if pe in e["by_pe"]), default=0) for pe in pes
     ]
+    seeds_column = ("seeds", [str(count) for count in seeds])
+    convergence = (convergence_heading(result), [convergence_cell(result, pe) for pe in pes])
     aligned = alignment_split(result) is not None
-    extra = [convergence_heading(result)] * wide + [alignment_heading(result)] * aligned
+    alignment = [(alignment_heading(result), [alignment_cell(result, pe) for pe in pes])] * aligned
 
-    def rows(style: str) -> list[list[str]]:
-        table_rows = []
-        for pe, label in zip(result["pes"], labels, strict=True):
-            cells, seeds = [], 0
-            for entry in result["splits"].values():
+    def split_columns(detail: str) -> list[tuple[str, list[str]]]:
+        """detail: "interval" (mean ± std [CI]), "std" or "mean"."""
+        columns = []
+        for name, entry in result["splits"].items():
+            cells = []
+            for pe in pes:
                 summary = entry["by_pe"].get(pe)
-                seeds = max(seeds, summary["n"] if summary else 0)
                 if not summary:
                     cells.append("–")
-                elif style == "mean":
+                elif detail == "mean":
                     cells.append(format_cell({**summary, "n": 1}, result["metric"], False, False))
                 else:
+                    wide = detail == "interval"
                     cells.append(format_cell(summary, result["metric"], wide, seeds_note=wide))
-            if wide:
-                cells.append(convergence_cell(result, pe))
-            if aligned:
-                cells.append(alignment_cell(result, pe))
-            table_rows.append([label, str(seeds), *cells])
-        return table_rows
+            ood = split_heading(name, entry) if detail == "interval" else name + " †" * entry["ood"]
+            columns.append((ood, cells))
+        return columns
 
-    def needed(table_rows: list[list[str]]) -> int:
-        columns = zip(["pe", "seeds", *headings, *extra], *table_rows, strict=True)
-        return sum(max(len(text) for text in column) + 3 for column in columns) + 1
+    layouts = [  # (columns, title's spread, caption notes), most detailed first
+        (
+            [seeds_column, *split_columns("interval"), convergence, *alignment],
+            " ± std [95% CI]",
+            [],
+        ),
+        ([seeds_column, *split_columns("std"), *alignment], " ± std", ["intervals in report.md"]),
+        (
+            [seeds_column, *split_columns("mean"), *alignment],
+            "",
+            ["std and intervals in report.md"],
+        ),
+    ]
+    if aligned:
+        columns, _, notes = layouts[-1]
+        layouts.append((columns[:-1], "", [*notes, "event alignment in report.md"]))
+    if len(set(seeds)) == 1:
+        columns, _, notes = layouts[-1]
+        layouts.append((columns[1:], "", notes))
 
-    body, note, spread = rows("std"), "intervals in report.md", " ± std"
-    if not wide and needed(body) > width:
-        body, note, spread = rows("mean"), "means only here; std and intervals in report.md", ""
-    seed_counts = {row[1] for row in body}
-    seeds_column = wide or needed(body) <= width or len(seed_counts) > 1
-    over = "seeds" if seeds_column else f"{seed_counts.pop()} seeds"
-    interval = " [95% CI]" if wide else ""
+    def needed(columns: list[tuple[str, list[str]]]) -> int:
+        widths = [max(map(len, [heading, *cells])) for heading, cells in columns]
+        return max(map(len, labels)) + sum(widths) + 3 * (len(widths) + 1) + 1
+
+    columns, spread, notes = next(
+        (layout for layout in layouts if needed(layout[0]) <= width), layouts[-1]
+    )
+    over = "seeds" if columns[0] is seeds_column else f"{seeds[0]} seeds"
+    daggers = any(heading.endswith(" †") for heading, _ in columns)
+    caption = "; ".join(["† out of distribution"] * daggers + notes)
     table = Table(
-        title=f"{result['title']} — {result['metric_label']}, mean{spread}{interval} over {over}",
-        caption=None if wide else f"† out of distribution; {note}",
+        title=f"{result['title']} — {result['metric_label']}, mean{spread} over {over}",
+        caption=caption or None,
         show_lines=False,
     )
     table.add_column("pe", style="bold", no_wrap=True, min_width=max(map(len, labels)))
-    if seeds_column:
-        table.add_column("seeds", justify="right", no_wrap=True, min_width=5)
-    for heading in [*headings, *extra]:
-        table.add_column(heading, justify="right", no_wrap=heading in headings)
-    for label, seeds, *cells in body:
-        table.add_row(escape(label), *([seeds] if seeds_column else []), *cells)  # no markup
+    for heading, cells in columns:
+        table.add_column(heading, justify="right", no_wrap=True, min_width=max(map(len, cells)))
+    for index, label in enumerate(labels):
+        table.add_row(escape(label), *(cells[index] for _, cells in columns))  # no rich markup
     return table
 
 

@@ -797,6 +797,9 @@ def table_command(
     part: Annotated[
         str, typer.Option(help="main, questions (per question) or alignment (event alignment).")
     ] = "main",
+    std: Annotated[
+        bool, typer.Option("--std", help="Cells mean ± std [interval] instead of mean [interval].")
+    ] = False,
 ) -> None:
     """Print one markdown table over every group of a report, for README.md.
 
@@ -806,7 +809,7 @@ def table_command(
     """
     from recipes.engine.tables import markdown_table, read_results
 
-    typer.echo(markdown_table(read_results(results), part), nl=False)
+    typer.echo(markdown_table(read_results(results), part, std), nl=False)
 
 
 @app.command("positions")

@@ -210,6 +210,10 @@ def test_cope_table_prints_each_part_from_results_json_alone(runs, tmp_path):
     assert header.startswith("| options | pe | seeds | val | test | long (OOD) |")
     assert [row.split(" | ")[1] for row in rows] == ["abs", "cope"]
     assert rows[0].endswith("| - |")
+    cope = read_results(tmp_path / "report")["groups"][0]["splits"]["val"]["by_pe"]["cope"]
+    with_std = runner.invoke(app, ["table", str(tmp_path / "report"), "--std"]).output
+    assert f"{cope['mean']:.3f} ± {cope['std']:.3f} [{cope['ci_low']:.3f}," in with_std
+    assert f"{cope['mean']:.3f} ± " not in main.output
     questions = runner.invoke(app, ["table", str(tmp_path / "report" / "results.json"),
                                     "--part", "questions"])  # fmt: skip
     assert questions.exit_code == 0, questions.output

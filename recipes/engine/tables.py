@@ -8,6 +8,7 @@ is recomputed, so a table pasted into README.md traces to a committed results.js
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,26 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def readme_cell(summary: dict[str, Any], digits: int) -> str:
-    """``mean [ci_low, ci_high]``, or the mean alone with one seed (README tables: the std is
-    in report.md)."""
+def readme_cell(summary: dict[str, Any], digits: int, std: bool = False) -> str:
+    """``mean [ci_low, ci_high]`` (``mean ± std [ci_low, ci_high]`` with ``std``), or the mean
+    alone with one seed."""
     mean = f"{summary['mean']:.{digits}f}"
     if summary["n"] < 2:
         return mean
-    return f"{mean} [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
+    spread = f" ± {summary['std']:.{digits}f}" if std else ""
+    return f"{mean}{spread} [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
 
 
-def markdown_table(results: dict[str, Any], part: str = "main") -> str:
+def markdown_table(results: dict[str, Any], part: str = "main", std: bool = False) -> str:
     """One markdown table over every group of a report's results (results.json's content).
 
     ``main``: rows = (options, encoding), columns = splits (in-distribution first), and the
     alignment column where the report has one; ``questions``: rows = (options, encoding,
     question); ``alignment``: rows = (options, encoding, layer choice, split), a column per
-    statistic. Cells: mean [95% t-interval] over seeds, exactly as the report computed them.
+    statistic. Cells: mean [95% t-interval] over seeds (with ``std``: mean ± std [interval]),
+    exactly as the report computed them.
     """
+    summary_cell = functools.partial(readme_cell, std=std)
     if part not in TABLE_PARTS:
         raise UserError(f"unknown table {part!r}; choose one of: {', '.join(TABLE_PARTS)}")
     groups = results["groups"]
@@ -73,9 +77,9 @@ def markdown_table(results: dict[str, Any], part: str = "main") -> str:
         return [group["recipe"]] * several + [options or "defaults", pe]
 
     if part == "questions":
-        return _questions_table(groups, lead, row_start)
+        return _questions_table(groups, lead, row_start, summary_cell)
     if part == "alignment":
-        return _alignment_table(groups, lead, row_start)
+        return _alignment_table(groups, lead, row_start, summary_cell)
     order: dict[str, tuple[bool, tuple[int, str]]] = {}
     for group in groups:
         for split, entry in group["splits"].items():
@@ -94,7 +98,7 @@ def markdown_table(results: dict[str, Any], part: str = "main") -> str:
                 for split in splits
             ]
             seeds = max((summary["n"] for summary in summaries if summary), default=0)
-            cells = [readme_cell(summary, digits) if summary else "–" for summary in summaries]
+            cells = [summary_cell(summary, digits) if summary else "–" for summary in summaries]
             if aligned:
                 cell = alignment_cell(group, pe)
                 if len(aligned) > 1 and cell != "-":
@@ -112,7 +116,9 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _questions_table(groups: list[dict[str, Any]], lead: list[str], row_start: Callable) -> str:
+def _questions_table(
+    groups: list[dict[str, Any]], lead: list[str], row_start: Callable, summary_cell: Callable
+) -> str:
     splits: list[str] = []
     for group in groups:
         for split in (group.get("questions") or {}).get("splits", []):
@@ -127,14 +133,16 @@ def _questions_table(groups: list[dict[str, Any]], lead: list[str], row_start: C
             for question, by_split in by_question.items():
                 seeds = max(summary["n"] for summary in by_split.values())
                 cells = [
-                    readme_cell(by_split[split], digits) if split in by_split else "–"
+                    summary_cell(by_split[split], digits) if split in by_split else "–"
                     for split in splits
                 ]
                 lines.append(_table_row([*row_start(group, pe), question, str(seeds), *cells]))
     return "\n".join(lines) + "\n"
 
 
-def _alignment_table(groups: list[dict[str, Any]], lead: list[str], row_start: Callable) -> str:
+def _alignment_table(
+    groups: list[dict[str, Any]], lead: list[str], row_start: Callable, summary_cell: Callable
+) -> str:
     labels = [ALIGNMENT_LABELS[key] for key in ALIGNMENT_STATISTICS]
     lines = _table_head([*lead, "layers", "split", "seeds", *labels])
     for group in groups:
@@ -147,7 +155,7 @@ def _alignment_table(groups: list[dict[str, Any]], lead: list[str], row_start: C
                         continue
                     seeds = max(summary["n"] for summary in by_key.values())
                     cells = [
-                        readme_cell(by_key[key], 2 if key in ("score", "recall") else 1)
+                        summary_cell(by_key[key], 2 if key in ("score", "recall") else 1)
                         if key in by_key
                         else "–"
                         for key in ALIGNMENT_STATISTICS

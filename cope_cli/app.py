@@ -175,6 +175,17 @@ TuneOption = Annotated[
         "(the test splits are never consulted; the report states the choice).",
     ),
 ]
+JobsOption = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Runs trained at once, each in its own process with an equal share of the torch "
+        "threads (for machines with more cores than one small run keeps busy). Each run is "
+        "the same as alone; progress is one line per run.",
+    ),
+]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Train again even if an identical finished run exists.")
 ]
@@ -611,6 +622,7 @@ def compare_command(
     set_: SetOption = None,
     recipe_file: RecipeFileOption = None,
     tune: TuneOption = None,
+    jobs: JobsOption = 1,
     force: Annotated[
         bool,
         typer.Option(
@@ -657,6 +669,7 @@ def compare_command(
         options=options,
         observer=RichObserver(),
         tune=parse_tune_options(tune),
+        processes=jobs,
         **layers,
     )
     _finish_grid(result)
@@ -685,6 +698,7 @@ def sweep_command(
     ] = None,
     device: DeviceOption = None,
     tune: TuneOption = None,
+    jobs: JobsOption = 1,
     force: Annotated[
         bool, typer.Option("--force", help="Train every run afresh instead of reusing them.")
     ] = False,
@@ -714,6 +728,7 @@ def sweep_command(
         out=out,
         overrides=overrides,
         tune=parse_tune_options(tune) or None,
+        processes=jobs,
     )
     _finish_grid(result)
 
@@ -727,6 +742,17 @@ def report_command(
     out: Annotated[
         Path | None, typer.Option(help="Where to write the report. Default: RUNS_DIR/report.")
     ] = None,
+    alignment_examples: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples per split for CoPE runs' event alignment (0: none). Default: 64.",
+            min=0,
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where missing analyses run: auto, cpu or cuda.")
+    ] = "cpu",
 ) -> None:
     """Rebuild the tables, CSV, plots and a markdown report from finished run directories.
 
@@ -734,18 +760,57 @@ def report_command(
 
     Other differences (lr, preset, ...) make separate tables, titled by what differs.
 
-    Example: cope report runs/
+    Question recipes (audio-events, spoken-words, moving-shapes) also get accuracy per question;
+    CoPE runs of recipes with event onsets get the event-alignment score, onset recall, position
+    steps and events per clip (val and OOD splits, first N examples). Runs that lack these
+    (trained before they existed) are analysed once and the result cached in the run directory.
+
+    Example: cope report runs/ --out results/audio-events
     """
     from cope_cli.render import comparison_table, print_files
     from recipes.base import UserError
+    from recipes.engine.analysis import ALIGNMENT_EXAMPLES
     from recipes.engine.report import build_report
 
     if not runs_dir.is_dir():
         raise UserError(f"runs directory not found: {runs_dir}")
-    results, files = build_report([runs_dir], out or runs_dir / "report")
+    results, files = build_report(
+        [runs_dir],
+        out or runs_dir / "report",
+        alignment_examples=ALIGNMENT_EXAMPLES if alignment_examples is None else alignment_examples,
+        device=device,
+        on_message=lambda text: console.print(text, highlight=False, soft_wrap=True),
+    )
     for group in results:
         console.print(comparison_table(group))
     print_files(files)
+
+
+@app.command("table")
+@user_errors
+def table_command(
+    results: Annotated[
+        Path,
+        typer.Argument(
+            help="A report's results.json, or the folder holding it.", show_default=False
+        ),
+    ],
+    part: Annotated[
+        str, typer.Option(help="main, questions (per question) or alignment (event alignment).")
+    ] = "main",
+    std: Annotated[
+        bool, typer.Option("--std", help="Cells mean ± std [interval] instead of mean [interval].")
+    ] = False,
+) -> None:
+    """Print one markdown table over every group of a report, for README.md.
+
+    Nothing is recomputed: every cell is results.json's mean [95% t-interval] over seeds.
+
+    Example: cope table results/audio-events --part questions > table.md
+    """
+    from recipes.engine.tables import markdown_table, read_results
+
+    typer.echo(markdown_table(read_results(results), part, std), nl=False)
 
 
 @app.command("positions")

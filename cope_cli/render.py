@@ -21,6 +21,9 @@ from rich.table import Table
 from cope_cli.console import console
 from recipes.engine.evaluate import metric_label, metric_value
 from recipes.engine.report import (
+    alignment_cell,
+    alignment_heading,
+    alignment_split,
     convergence_cell,
     convergence_heading,
     format_cell,
@@ -142,36 +145,83 @@ def evaluation_table(evaluation: dict[str, Any], title: str) -> Table:
 def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
     """Rows: encodings; columns: splits; cells: mean ± std [95% t-interval] over seeds.
 
-    Narrower than 120 columns (an 80-column terminal), cells drop the interval and the
-    steps-to-threshold column (report.md keeps both) and OOD splits are marked with a dagger, so
-    no cell wraps.
+    The most detailed layout that fits the terminal: in turn, cells drop the interval and the
+    steps-to-threshold column goes (OOD splits then marked with a dagger), cells show the mean
+    alone, the alignment column goes, the seed count moves into the title; report.md keeps
+    everything. No cell wraps; encoding names are never cut. CoPE rows of a report with event
+    alignment get its score / onset recall.
     """
-    wide = (width or console.width) >= 120
-    interval = " [95% CI]" if wide else ""
+    width = width or console.width
+    pes = result["pes"]
+    tuning = (result.get("tuning") or {}).get("by_pe", {})
+    labels = [f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe for pe in pes]
+    entries = result["splits"].values()
+    seeds = [
+        max((e["by_pe"][pe]["n"] for e in entries if pe in e["by_pe"]), default=0) for pe in pes
+    ]
+    seeds_column = ("seeds", [str(count) for count in seeds])
+    convergence = (convergence_heading(result), [convergence_cell(result, pe) for pe in pes])
+    aligned = alignment_split(result) is not None
+    alignment = [(alignment_heading(result), [alignment_cell(result, pe) for pe in pes])] * aligned
+
+    def split_columns(detail: str) -> list[tuple[str, list[str]]]:
+        """detail: "interval" (mean ± std [CI]), "std" or "mean"."""
+        columns = []
+        for name, entry in result["splits"].items():
+            cells = []
+            for pe in pes:
+                summary = entry["by_pe"].get(pe)
+                if not summary:
+                    cells.append("–")
+                elif detail == "mean":
+                    cells.append(format_cell({**summary, "n": 1}, result["metric"], False, False))
+                else:
+                    wide = detail == "interval"
+                    cells.append(format_cell(summary, result["metric"], wide, seeds_note=wide))
+            ood = split_heading(name, entry) if detail == "interval" else name + " †" * entry["ood"]
+            columns.append((ood, cells))
+        return columns
+
+    layouts = [  # (columns, title's spread, caption notes), most detailed first
+        (
+            [seeds_column, *split_columns("interval"), convergence, *alignment],
+            " ± std [95% CI]",
+            [],
+        ),
+        ([seeds_column, *split_columns("std"), *alignment], " ± std", ["intervals in report.md"]),
+        (
+            [seeds_column, *split_columns("mean"), *alignment],
+            "",
+            ["std and intervals in report.md"],
+        ),
+    ]
+    if aligned:
+        columns, _, notes = layouts[-1]
+        layouts.append((columns[:-1], "", [*notes, "event alignment in report.md"]))
+    if len(set(seeds)) == 1:
+        columns, _, notes = layouts[-1]
+        layouts.append((columns[1:], "", notes))
+
+    def needed(columns: list[tuple[str, list[str]]]) -> int:
+        widths = [max(map(len, [heading, *cells])) for heading, cells in columns]
+        return max(map(len, labels)) + sum(widths) + 3 * (len(widths) + 1) + 1
+
+    columns, spread, notes = next(
+        (layout for layout in layouts if needed(layout[0]) <= width), layouts[-1]
+    )
+    over = "seeds" if columns[0] is seeds_column else f"{seeds[0]} seeds"
+    daggers = any(heading.endswith(" †") for heading, _ in columns)
+    caption = "; ".join(["† out of distribution"] * daggers + notes)
     table = Table(
-        title=f"{result['title']} — {result['metric_label']}, mean ± std{interval} over seeds",
-        caption=None if wide else "† out of distribution; intervals in report.md",
+        title=f"{result['title']} — {result['metric_label']}, mean{spread} over {over}",
+        caption=caption or None,
         show_lines=False,
     )
-    table.add_column("pe", style="bold", no_wrap=True)
-    table.add_column("seeds", justify="right")
-    for name, entry in result["splits"].items():
-        heading = split_heading(name, entry) if wide else name + (" †" if entry["ood"] else "")
-        table.add_column(heading, justify="right", no_wrap=True)
-    if wide:  # steps to threshold: report.md and results.json keep it in narrow terminals
-        table.add_column(convergence_heading(result), justify="right")
-    tuning = (result.get("tuning") or {}).get("by_pe", {})
-    for pe in result["pes"]:
-        cells, seeds = [], 0
-        for entry in result["splits"].values():
-            summary = entry["by_pe"].get(pe)
-            cell = format_cell(summary, result["metric"], wide, seeds_note=wide) if summary else "–"
-            cells.append(cell)
-            seeds = max(seeds, summary["n"] if summary else 0)
-        if wide:
-            cells.append(convergence_cell(result, pe))
-        label = f"{pe} ({tuning[pe]['chosen']})" if pe in tuning else pe
-        table.add_row(escape(label), str(seeds), *cells)  # "cope[onset]" is no rich markup
+    table.add_column("pe", style="bold", no_wrap=True, min_width=max(map(len, labels)))
+    for heading, cells in columns:
+        table.add_column(heading, justify="right", no_wrap=True, min_width=max(map(len, cells)))
+    for index, label in enumerate(labels):
+        table.add_row(escape(label), *(cells[index] for _, cells in columns))  # no rich markup
     return table
 
 

@@ -256,6 +256,11 @@ def draw_question(rng: np.random.Generator, settings: EventSettings) -> int:
     return settings.max_n + int(rng.integers(settings.kinds))
 
 
+def question_label(question: int, max_n: int, noun: str) -> str:
+    """A question id's name in reports: "<noun> n=<n>" for the n-th, "count" for any count."""
+    return f"{noun} n={question + 1}" if question < max_n else "count"
+
+
 SPLITS = {  # name: (sub-seed, tempo, uses OOD event counts, description)
     "train": (1, 1.0, False, "training clips"),
     "val": (2, 1.0, False, "in distribution"),
@@ -433,6 +438,7 @@ class AudioEvents(Recipe):
     task = "kind of the n-th sound event (or count of a kind) in a generated clip"
     data_source = "generated"
     metric = "accuracy"
+    event_noun = "event"  # questions are named "event n=1", ..., "count" in reports
     defaults: Config = {
         **EventSettings.option_defaults(),
         "data.deltas": False,  # append delta and delta-delta features (issue 10: change cues)
@@ -485,6 +491,9 @@ class AudioEvents(Recipe):
         encoder = dataclasses.replace(encoder, max_len=max(encoder.max_len, info["max_len"]))
         frontend = QuestionFrontend(info["feature_dim"], info["n_questions"], encoder.dim)
         return SequenceClassifier(frontend, encoder, info["num_classes"])
+
+    def question_of(self, item: dict[str, Any], config: Config) -> str | None:
+        return question_label(int(item["question"]), int(config["data.max_n"]), self.event_noun)
 
     def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
         onsets = item["onsets"][item["onsets"] >= 0]

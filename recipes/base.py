@@ -112,6 +112,25 @@ class Recipe:
         """
         return None
 
+    def question_of(self, item: dict[str, Any], config: Config) -> str | None:
+        """The question a dataset item asks, named for reports ("word n=1", "count"), or None.
+
+        Recipes whose examples each ask one of several questions (the question enters as a
+        token) override this; their reports then break accuracy down per question. The default:
+        the recipe asks no questions.
+        """
+        return None
+
+    @property
+    def asks_questions(self) -> bool:
+        """Whether the recipe names its examples' questions (overrides :meth:`question_of`)."""
+        return type(self).question_of is not Recipe.question_of
+
+    @property
+    def may_know_events(self) -> bool:
+        """Whether :meth:`example_signal` is overridden, so examples may carry event onsets."""
+        return type(self).example_signal is not Recipe.example_signal
+
     def split_names(self) -> list[str]:
         """Names of the evaluation splits, for ``cope recipes``."""
         return ["val", "test"]

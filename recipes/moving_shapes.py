@@ -448,6 +448,11 @@ class MovingShapes(Recipe):
         """Video frontend (tubelets) + encoder + classification head."""
         return build_video_classifier({**self.defaults, **config}, info)
 
+    def question_of(self, item: dict[str, Any], config: Config) -> str | None:
+        """The question's name: "shape n=1", ..., or "count" (of any kind)."""
+        question = int(item["question"])
+        return f"shape n={question + 1}" if question < int(config["data.max_nth"]) else "count"
+
     def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any] | None:
         """The clip's frames and the token index where each shape first shows."""
         frames = item["inputs"][:, 0]  # (T, H, W)

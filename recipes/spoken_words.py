@@ -446,6 +446,7 @@ class SpokenWords(AudioEvents):
     name = "spoken-words"
     task = "the n-th spoken word (or how often a word was said) in a clip of synthesised speech"
     data_source = "generated"
+    event_noun = "word"
     defaults: Config = {
         "data.vocabulary": "commands",
         "data.accents": ACCENTS,

@@ -4,6 +4,8 @@
 OOD split of longer sequences). ``tiny-echo``: repeat each token (token classification with
 -100 at the padding). Both use a small self-contained model, so these tests do not depend on
 encoders.transformer; ``model.pe`` is recorded but only needs to be a valid name.
+``tiny-majority-tf`` is tiny-majority with the real encoder (heatmaps); ``tiny-questions-tf``
+adds named questions and event onsets to it (per-question accuracy, event alignment).
 """
 
 from __future__ import annotations
@@ -186,3 +188,25 @@ class TinyMajorityTransformer(TinyMajority):
 
         encoder = encoder_config(config)
         return SequenceClassifier(TokenFrontend(info["vocab_size"], encoder.dim), encoder, 2)
+
+
+@register_recipe
+class TinyQuestions(TinyMajorityTransformer):
+    """tiny-majority-tf whose items each ask one of three named questions (the model ignores
+    them) and whose example signal marks onsets: per-question accuracy and event alignment."""
+
+    name = "tiny-questions-tf"
+
+    def build_data(self, config: dict[str, Any], data_dir: Path | None, download: bool):
+        bundle = super().build_data(config, data_dir, download)
+        for dataset in (bundle.train, *(split.dataset for split in bundle.splits.values())):
+            for index, item in enumerate(dataset.items):
+                item["question"] = index % 3
+        return bundle
+
+    def question_of(self, item: dict[str, Any], config: dict[str, Any]) -> str | None:
+        return "count" if item["question"] == 2 else f"bit n={item['question'] + 1}"
+
+    def example_signal(self, item: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+        labels = [str(int(t)) for t in item["inputs"]]
+        return {"kind": "tokens", "labels": labels, "onsets": [0, 2]}

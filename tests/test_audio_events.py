@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,13 @@ def test_cli_trains_audio_events_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (evaluation,) = (tmp_path / "runs" / "audio-events" / "cope").glob("*/eval.json")
     assert {"val", "test", "slow", "more-events"} <= set(evaluation.read_text().split('"'))
+    questions = json.loads((evaluation.parent / "questions.json").read_text())["splits"]
+    assert set(questions["test"]) <= {"event n=1", "event n=2", "event n=3", "count"}
+    assert sum(tally["count"] for tally in questions["test"].values()) == 8
+    # the report adds the per-question table and the alignment of the CoPE run on slow
+    report = ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]
+    result = CliRunner().invoke(app, [*report, "--alignment-examples", "2"])
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "### Per question" in markdown and "| cope | event n=1 | 1 |" in markdown
+    assert "alignment / onset recall, slow (best layer on val)" in markdown

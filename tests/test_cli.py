@@ -509,6 +509,28 @@ def test_compare_table_fits_an_80_column_terminal() -> None:
     assert "cope[onset]" in narrow.export_text()
 
 
+def test_compare_table_with_many_splits_keeps_the_encoding_names_at_80_columns() -> None:
+    from rich.console import Console
+
+    from cope_cli.render import comparison_table
+
+    names = ["val", "test", "fast", "more-words", "slow", "unseen-voices"]
+    summary = {"mean": 0.947, "std": 0.0301, "n": 3, "ci_low": 0.873, "ci_high": 1.0}
+    by_pe = dict.fromkeys(("cope", "nope"), summary)
+    splits = {name: {"ood": name not in ("val", "test"), "by_pe": by_pe} for name in names}
+    result = {"title": "spoken-words", "metric": "accuracy", "metric_label": "accuracy",
+              "pes": ["cope", "nope"], "splits": splits}  # fmt: skip
+    narrow = Console(width=80, record=True)
+    narrow.print(comparison_table(result, width=80))
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line for line in lines if line.lstrip("│ ").startswith(("cope", "nope"))]
+    assert len(rows) == 2 and all(row.count("0.947") == 6 for row in rows)  # means, unclipped
+    assert "std and intervals in report.md" in text and "mean over 3 seeds" in text
+    assert "…" not in text
+
+
 def test_data_describes_a_generated_text_task_with_its_training_overlap() -> None:
     result = cope("data", "flip-flop", "--set", "data.train_size=50", "--set", "data.eval_size=5")
     assert result.exit_code == 0, result.output
@@ -524,3 +546,26 @@ def test_option_help_lists_what_the_registries_hold() -> None:
         text = " ".join(cope(command, "--help").output.split())
         assert all(f" {name}," in text or f" {name}." in text for name in list_position_encodings())
         assert all(gate in text for gate in GATES)
+
+
+def test_compare_with_jobs_trains_runs_in_parallel_exactly_as_alone(tmp_path: Path) -> None:
+    args = ["compare", "tiny-majority", "--pe", "abs,rope", "--seeds", "2", "--steps", "4"]
+    serial = cope(*args, "--out", tmp_path / "serial")
+    parallel = cope(*args, "--jobs", "2", "--out", tmp_path / "parallel")
+    assert parallel.exit_code == 0, parallel.output
+    assert parallel.output.count("started:") == 4 and parallel.output.count("finished:") == 4
+    for folder in ("serial", "parallel"):
+        assert len(rundir.find_runs(tmp_path / folder, "tiny-majority")) == 4
+
+    def evaluations(folder: str) -> list[dict]:
+        runs = sorted(
+            rundir.find_runs(tmp_path / folder, "tiny-majority"),
+            key=lambda run: json.loads((run / "config.json").read_text())["config"]["model.pe"]
+            + str(json.loads((run / "config.json").read_text())["config"]["train.seed"]),
+        )
+        return [json.loads((run / "eval.json").read_text())["splits"] for run in runs]
+
+    assert serial.exit_code == 0 and evaluations("serial") == evaluations("parallel")
+    # the parallel grid reuses finished runs like a serial one
+    again = cope(*args, "--jobs", "2", "--out", tmp_path / "parallel")
+    assert again.exit_code == 0 and again.output.count("reused:") == 4

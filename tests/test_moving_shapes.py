@@ -272,6 +272,9 @@ def test_cli_trains_and_evaluates_every_split_end_to_end(tmp_path) -> None:
     text = json.dumps(evaluation)
     for split in ("val", "test", "slow", "fast", "long"):
         assert f'"{split}"' in text
+    questions = json.loads((run_dir / "questions.json").read_text())["splits"]
+    assert set(questions["slow"]) <= {"shape n=1", "shape n=2", "shape n=3"}  # nth only
+    assert sum(tally["count"] for tally in questions["slow"].values()) == 8
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from recipes.engine.config import (
     preset_options,
     resolve_config,
 )
+from recipes.engine.parallel import Task, train_parallel
 from recipes.engine.report import build_report, make_output_dir
 from recipes.engine.trainer import RunResult, TrainObserver, TrainOptions, train
 
@@ -132,6 +133,60 @@ def seed_list(count: int, first: int = 0) -> list[int]:
     return list(range(first, first + count))
 
 
+def job_label(job: Job) -> str:
+    """``counting pe=cope gate=onset seed=0 train.lr=0.001 (variant)``: a grid line's name."""
+    gate = job.config.get("model.cope_gate", "qk")
+    return (
+        f"{job.recipe} pe={job.config['model.pe']} "
+        + (f"gate={gate} " if gate != "qk" else "")
+        + f"seed={job.config['train.seed']}"
+        + (f" {job.tuned_label}" if job.tuned else "")
+        + (f" ({job.variant})" if job.variant else "")
+    )
+
+
+def train_jobs(
+    jobs: list[Job], options: TrainOptions, observer: TrainObserver, processes: int = 1
+) -> list[RunResult | None]:
+    """Train every job in order (``processes`` > 1: that many at once, in worker processes).
+
+    A run that never started (the grid was interrupted first) is None.
+    """
+    tasks = [
+        Task(
+            get_recipe(job.recipe),
+            job.config,
+            TrainOptions(**{**options.__dict__, "preset": job.preset}),
+        )
+        for job in jobs
+    ]
+    total = len(jobs)
+    if processes > 1:
+
+        def on_end(index: int, run: RunResult, seconds: float) -> None:
+            observer.message(
+                f"[{index + 1}/{total}] {run.status}: {job_label(jobs[index])} "
+                f"({seconds / 60:.1f} min) -> {run.run_dir}"
+            )
+
+        runs, _ = train_parallel(
+            tasks,
+            processes,
+            on_start=lambda index: observer.message(
+                f"[{index + 1}/{total}] started: {job_label(jobs[index])}"
+            ),
+            on_end=on_end,
+        )
+        return runs
+    runs: list[RunResult | None] = [None] * total
+    for index, task in enumerate(tasks):
+        observer.message(f"[{index + 1}/{total}] {job_label(jobs[index])}")
+        runs[index] = train(task.recipe, task.config, task.options, observer)
+        if runs[index].status == "interrupted":  # type: ignore[union-attr]
+            break
+    return runs
+
+
 def run_grid(
     jobs: list[Job],
     *,
@@ -140,30 +195,18 @@ def run_grid(
     output_dir: Path,
     pe_order: list[str],
     tune_keys: list[str] | None = None,
+    processes: int = 1,
 ) -> GridResult:
     """Train every job (reusing/resuming what exists), then write the report.
 
     With ``tune_keys``, only each selection group's best jobs by val enter the report.
     """
     result = GridResult(output_dir)
-    for index, job in enumerate(jobs, start=1):
-        observer.message(
-            f"[{index}/{len(jobs)}] {job.recipe} pe={job.config['model.pe']} "
-            + (
-                f"gate={job.config['model.cope_gate']} "
-                if job.config.get("model.cope_gate", "qk") != "qk"
-                else ""
-            )
-            + f"seed={job.config['train.seed']}"
-            + (f" {job.tuned_label}" if job.tuned else "")
-            + (f" ({job.variant})" if job.variant else "")
-        )
-        job_options = TrainOptions(**{**options.__dict__, "preset": job.preset})
-        run = train(get_recipe(job.recipe), job.config, job_options, observer)
-        result.runs.append(run)
-        if run.status == "interrupted":
-            result.interrupted = True
-            return result
+    runs = train_jobs(jobs, options, observer, processes)
+    result.runs = [run for run in runs if run is not None]
+    if any(run is None or run.status == "interrupted" for run in runs):
+        result.interrupted = True
+        return result
     done = [
         (job, run)
         for job, run in zip(jobs, result.runs, strict=True)
@@ -184,7 +227,12 @@ def run_grid(
         done = [pair for index, pair in enumerate(done) if index in chosen]
     names = {str(run.run_dir): job.variant for job, run in done if job.variant}
     result.results, result.files = build_report(
-        [run.run_dir for _, run in done], output_dir, pe_order, names or None, tuning
+        [run.run_dir for _, run in done],
+        output_dir,
+        pe_order,
+        names or None,
+        tuning,
+        on_message=observer.message,
     )
     return result
 
@@ -201,10 +249,12 @@ def compare(
     options: TrainOptions | None = None,
     observer: TrainObserver | None = None,
     tune: Mapping[str, list[Any]] | None = None,
+    processes: int = 1,
 ) -> GridResult:
     """Train every encoding x seed under the same budget and compare them on every split.
 
     ``tune``: option -> candidate values, chosen per encoding on val (module docstring).
+    ``processes``: runs trained at once (recipes.engine.parallel).
     """
     options = options or TrainOptions(on_finished="reuse", resume=True, explain_fresh=False)
     observer = observer or TrainObserver()
@@ -241,6 +291,7 @@ def compare(
         output_dir=output_dir,
         pe_order=pes,
         tune_keys=list(tune or {}),
+        processes=processes,
     )
 
 
@@ -346,10 +397,11 @@ def sweep(
     out: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     tune: Mapping[str, list[Any]] | None = None,
+    processes: int = 1,
 ) -> GridResult:
     """Run every job of a sweep file (``overrides``: e.g. train.device) and write one report.
 
-    ``tune`` (``--tune``) replaces the file's ``[tune]`` table.
+    ``tune`` (``--tune``) replaces the file's ``[tune]`` table; ``processes``: runs at once.
     """
     jobs, settings = load_sweep(path, overrides, tune)
     options = options or TrainOptions(on_finished="reuse", resume=True, explain_fresh=False)
@@ -363,4 +415,5 @@ def sweep(
         output_dir=output_dir,
         pe_order=settings["pes"],
         tune_keys=list(settings["tune"]),
+        processes=processes,
     )

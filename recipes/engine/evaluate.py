@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,14 +67,23 @@ def _flat_answers(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
 
 
-def iterate_batches(
-    dataset: Dataset, collate: Callable[[list[Any]], dict[str, Any]] | None, batch_size: int
-) -> Iterator[dict[str, Any]]:
-    """Batches of a dataset in order (evaluation needs no shuffling)."""
-    collate = collate or pad_collate
+def item_batches(dataset: Dataset, batch_size: int) -> Iterator[list[Any]]:
+    """The items of a dataset in order, in lists of ``batch_size`` (evaluation needs no
+    shuffling)."""
     size = len(dataset)  # type: ignore[arg-type]
     for start in range(0, size, batch_size):
-        yield collate([dataset[index] for index in range(start, min(start + batch_size, size))])
+        yield [dataset[index] for index in range(start, min(start + batch_size, size))]
+
+
+def answers_per_row(logits: Tensor, targets: Tensor) -> tuple[list[int], list[int]]:
+    """Correct and asked answers of each batch row: one answer per row, or one per token."""
+    targets = torch.as_tensor(targets, device=logits.device).long()
+    asked = targets != IGNORE_INDEX
+    right = (logits.argmax(-1) == targets) & asked
+    token_dims = tuple(range(1, targets.dim()))
+    if token_dims:
+        right, asked = right.sum(token_dims), asked.sum(token_dims)
+    return right.long().tolist(), asked.long().tolist()
 
 
 @torch.no_grad()
@@ -86,29 +96,53 @@ def evaluate(
     device: torch.device,
     on_batch: Callable[[int, int], None] | None = None,
     precision: str = "auto",
-) -> dict[str, float]:
-    """Accuracy, mean loss and number of answers of ``model`` on ``dataset``."""
+    question_of: Callable[[dict[str, Any]], str | None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, mean loss and number of answers of ``model`` on ``dataset``.
+
+    With ``question_of`` (an item's question name, :meth:`recipes.base.Recipe.question_of`),
+    also ``questions``: {name: {"correct", "count"}} from the same forward passes.
+    """
     was_training = model.training
     model.eval()
+    collate = collate or pad_collate
     total_loss, correct, count = 0.0, 0, 0
+    per_question: dict[str, dict[str, int]] = {}
     size = len(dataset)  # type: ignore[arg-type]
     try:
-        for index, batch in enumerate(iterate_batches(dataset, collate, batch_size)):
-            batch = move_batch(batch, device)
+        for index, items in enumerate(item_batches(dataset, batch_size)):
+            batch = move_batch(collate(items), device)
             with autocast_context(device, precision):
                 logits = forward_batch(model, batch)
             loss, batch_correct, batch_count = loss_and_counts(logits, batch["targets"])
             total_loss += float(loss) * batch_count
             correct, count = correct + batch_correct, count + batch_count
+            if question_of is not None:
+                rows = zip(*answers_per_row(logits, batch["targets"]), strict=True)
+                for item, (row_correct, row_count) in zip(items, rows, strict=True):
+                    name = question_of(item)
+                    if name is not None:
+                        tally = per_question.setdefault(name, {"correct": 0, "count": 0})
+                        tally["correct"] += row_correct
+                        tally["count"] += row_count
             if on_batch is not None:
                 on_batch(min((index + 1) * batch_size, size), size)
     finally:
         model.train(was_training)
-    return {
+    result: dict[str, Any] = {
         "accuracy": correct / count if count else float("nan"),
         "loss": total_loss / count if count else float("nan"),
         "count": count,
     }
+    if question_of is not None:
+        ordered = sorted(per_question, key=natural_key)
+        result["questions"] = {name: per_question[name] for name in ordered}
+    return result
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value ("n=2" before "n=10")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def metric_value(accuracy: float, metric: str) -> float:

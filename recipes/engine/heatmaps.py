@@ -177,7 +177,7 @@ def plot_layer(
     return path
 
 
-def _readout_trailing(loaded: Any) -> int:
+def readout_trailing(loaded: Any) -> int:
     """1 when the model appends a readout token after the signal (causal CLS classifier)."""
     from encoders.transformer import SequenceClassifier
 
@@ -296,7 +296,7 @@ def plot_positions(
     signal = loaded.recipe.example_signal(item, loaded.bundle.info)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "positions"
     out_dir.mkdir(parents=True, exist_ok=True)
-    trailing = _readout_trailing(loaded)
+    trailing = readout_trailing(loaded)
     causal = bool(loaded.config.get("model.causal"))
     paths = [
         plot_layer(

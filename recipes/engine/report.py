@@ -5,6 +5,12 @@ encoding and split), ``plot.png`` (splits x encodings, 95% interval as error bar
 ``curves.png`` (learning curves) and ``report.md`` (markdown tables). `cope compare`,
 `cope sweep` and `cope report` all end here.
 
+Per question and event alignment: runs of recipes that name their examples' questions get
+accuracy per (encoding, question, split); CoPE runs of recipes whose examples carry event
+onsets get the alignment statistics per (encoding, split, layer choice), and the main table an
+alignment column. Both come from each run's cache (:mod:`recipes.engine.analysis`), computed
+where missing; the statistics over seeds are the main table's (:func:`summarise`).
+
 Replicates: one entry per (configuration, encoding, seed), the newest finished run; repeats of
 a seed (a ``--force`` rerun) are listed as left out, never averaged as further seeds.
 
@@ -25,14 +31,21 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from recipes.base import Config, UserError
 from recipes.engine import rundir
+from recipes.engine.analysis import (
+    ALIGNMENT_EXAMPLES,
+    ALIGNMENT_STATISTICS,
+    analyse_run,
+    nanmean,
+)
 from recipes.engine.config import VOLATILE_KEYS
-from recipes.engine.evaluate import metric_label, metric_value
+from recipes.engine.evaluate import metric_label, metric_value, natural_key
 from recipes.files import write_atomic, write_text_atomic
 
 # Keys that name a run within a group rather than distinguish groups (a CoPE gate variant is
@@ -146,6 +159,10 @@ class RunRecord:
     recipe: str
     config: Config
     evaluation: dict[str, Any]
+    # From recipes.engine.analysis (filled by build_report): split -> question -> counts, and
+    # split -> per-layer alignment statistics; None where they do not apply.
+    questions: dict[str, dict[str, dict[str, int]]] | None = None
+    alignment: dict[str, dict[str, Any]] | None = None
 
     @property
     def pe(self) -> str:
@@ -292,7 +309,7 @@ def aggregate(group: Group, pe_order: list[str] | None = None) -> dict[str, Any]
             summary = summarise(runs["values"], bounds)
             runs.update({k: v for k, v in summary.items() if k != "values"})
         entry["by_pe"] = {pe: entry["by_pe"][pe] for pe in pes if pe in entry["by_pe"]}
-    ordered = sorted(splits, key=lambda name: (splits[name]["ood"], _split_rank(name)))
+    ordered = sorted(splits, key=lambda name: (splits[name]["ood"], split_rank(name)))
     return {
         "recipe": group.recipe,
         "title": group.title,
@@ -302,7 +319,183 @@ def aggregate(group: Group, pe_order: list[str] | None = None) -> dict[str, Any]
         "pes": pes,
         "splits": {name: splits[name] for name in ordered},
         "convergence": convergence(group, pes),
+        "questions": aggregate_questions(group, pes, ordered),
+        "alignment": aggregate_alignment(group, pes, ordered),
     }
+
+
+def _summaries(
+    by_key: dict[str, dict[str, Any]], bounds: tuple[float, float]
+) -> dict[str, dict[str, Any]]:
+    """summarise() of each entry's per-seed ``values``, kept beside its seeds (and runs)."""
+    return {key: {**entry, **summarise(entry["values"], bounds)} for key, entry in by_key.items()}
+
+
+def aggregate_questions(
+    group: Group, pes: list[str], split_order: list[str]
+) -> dict[str, Any] | None:
+    """Per encoding, question and split: the metric over seeds from each run's per-question
+    counts (``answers``: the questions asked per seed); None when no run has questions."""
+    bounds = (0.0, 100.0) if group.metric == "error" else (0.0, 1.0)
+    collected: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for record in group.records:
+        for split, counts in (record.questions or {}).items():
+            for question, tally in counts.items():
+                if not tally["count"]:
+                    continue
+                entry = (
+                    collected.setdefault(record.pe, {})
+                    .setdefault(question, {})
+                    .setdefault(split, {"seeds": [], "values": [], "answers": []})
+                )
+                entry["seeds"].append(record.seed)
+                entry["values"].append(
+                    metric_value(tally["correct"] / tally["count"], group.metric)
+                )
+                entry["answers"].append(tally["count"])
+    if not collected:
+        return None
+    names = {question for by_question in collected.values() for question in by_question}
+    asked_in = {
+        split
+        for by_question in collected.values()
+        for by_split in by_question.values()
+        for split in by_split
+    }
+    names = sorted(names, key=natural_key)
+    return {
+        "names": names,
+        "splits": [split for split in split_order if split in asked_in],
+        "by_pe": {
+            pe: {
+                question: _summaries(collected[pe][question], bounds)
+                for question in names
+                if question in collected[pe]
+            }
+            for pe in pes
+            if pe in collected
+        },
+    }
+
+
+# Alignment: which layer's figures a table shows. Each run's layer is chosen on val (the split
+# every report has), by the F1 of score and onset recall, and shown on every split; beside it,
+# the mean over layers.
+LAYER_CHOICES = {
+    "best": "the layer with the best F1 of alignment score and onset recall on val, per run",
+    "mean": "mean over layers",
+}
+ALIGNMENT_LABELS = {
+    "score": "alignment score",
+    "recall": "onset recall",
+    "steps": "position steps per clip",
+    "events": "events per clip",
+}
+
+
+def best_layer(alignment: dict[str, dict[str, Any]]) -> int:
+    """The layer whose readout positions best count events on val (else the first split
+    scored): the highest F1 of alignment score and onset recall (undefined scores count 0)."""
+    layers = (alignment.get("val") or next(iter(alignment.values())))["layers"]
+
+    def f1(layer: dict[str, Any]) -> float:
+        score, recall = (_number(layer.get(key)) for key in ("score", "recall"))
+        score, recall = (0.0 if math.isnan(value) else value for value in (score, recall))
+        return 2 * score * recall / (score + recall) if score + recall > 0 else 0.0
+
+    return max(range(len(layers)), key=lambda index: f1(layers[index]))
+
+
+def _number(value: Any) -> float:
+    """A statistic read back from JSON (NaN is stored as null)."""
+    return math.nan if value is None else float(value)
+
+
+def aggregate_alignment(
+    group: Group, pes: list[str], split_order: list[str]
+) -> dict[str, Any] | None:
+    """Per encoding, split and layer choice (LAYER_CHOICES): each alignment statistic over
+    seeds; runs whose statistic is undefined (no position step) are left out of its mean.
+    None when no run of the group has alignment figures."""
+    collected: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
+    chosen: dict[str, list[int]] = {}
+    for record in group.records:
+        if not record.alignment:
+            continue
+        layer = best_layer(record.alignment)
+        chosen.setdefault(record.pe, []).append(layer)
+        for split, entry in record.alignment.items():
+            layers = entry["layers"]
+            views = {
+                "best": layers[layer],
+                "mean": {
+                    key: nanmean([row.get(key) for row in layers])
+                    for key in ALIGNMENT_STATISTICS
+                },
+            }
+            for choice, statistics in views.items():
+                for key in ALIGNMENT_STATISTICS:
+                    value = _number(statistics.get(key))
+                    if math.isnan(value):
+                        continue
+                    runs = (
+                        collected.setdefault(record.pe, {})
+                        .setdefault(split, {})
+                        .setdefault(choice, {})
+                        .setdefault(key, {"seeds": [], "values": []})
+                    )
+                    runs["seeds"].append(record.seed)
+                    runs["values"].append(value)
+    if not collected:
+        return None
+    unbounded = (0.0, math.inf)  # position steps and events per clip
+    for by_split in collected.values():
+        for by_choice in by_split.values():
+            for by_key in by_choice.values():
+                for key, runs in by_key.items():
+                    bounds = (0.0, 1.0) if key in ("score", "recall") else unbounded
+                    runs.update(summarise(runs["values"], bounds))
+    scored = {split for by_split in collected.values() for split in by_split}
+    splits = [split for split in split_order if split in scored]
+    return {
+        "layer_choices": LAYER_CHOICES,
+        "best_layers": {pe: chosen[pe] for pe in pes if pe in chosen},
+        "splits": splits,
+        "by_pe": {
+            pe: {split: collected[pe][split] for split in splits if split in collected[pe]}
+            for pe in pes
+            if pe in collected
+        },
+    }
+
+
+def alignment_split(result: dict[str, Any]) -> str | None:
+    """The split of the main table's alignment column: ``slow`` where scored (the tempo shift
+    the project asks about), else the first OOD split scored, else val."""
+    alignment = result.get("alignment")
+    if not alignment or not alignment["splits"]:
+        return None
+    splits = alignment["splits"]
+    ood = [split for split in splits if result["splits"].get(split, {}).get("ood")]
+    return "slow" if "slow" in splits else (ood or splits)[0]
+
+
+def alignment_heading(result: dict[str, Any]) -> str:
+    """Title of the main table's alignment column."""
+    return f"alignment / onset recall, {alignment_split(result)} (best layer on val)"
+
+
+def alignment_cell(result: dict[str, Any], pe: str) -> str:
+    """``score / recall`` (means over seeds, best layer) on the alignment split; "-" for an
+    encoding without contextual positions."""
+    split = alignment_split(result)
+    entry = (result.get("alignment") or {}).get("by_pe", {}).get(pe, {}).get(split or "", {})
+    best = entry.get("best", {})
+    if not best:
+        return "-"
+    return " / ".join(
+        f"{best[key]['mean']:.2f}" if key in best else "–" for key in ("score", "recall")
+    )
 
 
 def steps_to_reach(curve: list[tuple[int, float]], threshold: float) -> int | None:
@@ -360,7 +553,8 @@ def convergence_cell(result: dict[str, Any], pe: str) -> str:
     return f"{entry['mean_steps']:.0f} {reached}"
 
 
-def _split_rank(name: str) -> tuple[int, str]:
+def split_rank(name: str) -> tuple[int, str]:
+    """Sort key of splits: val, test, then the others by name."""
     return ({"val": 0, "test": 1}.get(name, 2), name)
 
 
@@ -494,19 +688,17 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(
-        ["group", "recipe", "split", "ood", "pe", "metric", "n", "mean", "std",
+        ["group", "recipe", "split", "ood", "pe", "question", "metric", "n", "mean", "std",
          "ci95_low", "ci95_high", "seeds", "values"]
     )  # fmt: skip
     for result in results:
-        for split, entry in result["splits"].items():
-            for pe, summary in entry["by_pe"].items():
-                writer.writerow(
-                    [result["title"], result["recipe"], split, entry["ood"], pe,
-                     result["metric_label"], summary["n"], summary["mean"], summary["std"],
-                     summary["ci_low"], summary["ci_high"],
-                     " ".join(map(str, summary["seeds"])),
-                     " ".join(f"{value:.6g}" for value in summary["values"])]
-                )  # fmt: skip
+        for split, pe, question, metric, summary in csv_rows(result):
+            writer.writerow(
+                [result["title"], result["recipe"], split, result["splits"][split]["ood"], pe,
+                 question, metric, summary["n"], summary["mean"], summary["std"],
+                 summary["ci_low"], summary["ci_high"], " ".join(map(str, summary["seeds"])),
+                 " ".join(f"{value:.6g}" for value in summary["values"])]
+            )  # fmt: skip
     write_text_atomic(out_dir / "results.csv", table.getvalue())
     plots: list[Path] = []
     for result in results:
@@ -524,6 +716,38 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
         "markdown": out_dir / "report.md",
         "plots": plots,
     }
+
+
+def csv_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, dict[str, Any]]]:
+    """(split, pe, question, metric, summary) of a group: the main metric per split, then per
+    question (``question`` set), then each alignment statistic per layer choice."""
+    rows = [
+        (split, pe, "", result["metric_label"], summary)
+        for split, entry in result["splits"].items()
+        for pe, summary in entry["by_pe"].items()
+    ]
+    questions = result.get("questions") or {"by_pe": {}}
+    for pe, by_question in questions["by_pe"].items():
+        for question, by_split in by_question.items():
+            rows += [
+                (split, pe, question, result["metric_label"], by_split[split])
+                for split in questions["splits"]
+                if split in by_split
+            ]
+    alignment = result.get("alignment") or {"by_pe": {}}
+    for pe, by_split in alignment["by_pe"].items():
+        for split, by_choice in by_split.items():
+            for choice, by_key in by_choice.items():
+                rows += [
+                    (split, pe, "", f"{ALIGNMENT_LABELS[key]} ({choice_label(choice)})", summary)
+                    for key, summary in by_key.items()
+                ]
+    return rows
+
+
+def choice_label(choice: str) -> str:
+    """How tables name a layer choice of LAYER_CHOICES."""
+    return "best layer on val" if choice == "best" else "mean over layers"
 
 
 def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | None = None) -> str:
@@ -545,12 +769,14 @@ def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | Non
     for result in results:
         splits = result["splits"]
         lines += ["", f"## {result['title']}", "", f"Metric: {result['metric_label']}.", ""]
+        aligned = alignment_split(result) is not None
         lines.append(
             "| pe | seeds | "
             + " | ".join(split_heading(s, e) for s, e in splits.items())
             + f" | {convergence_heading(result)} |"
+            + (f" {alignment_heading(result)} |" if aligned else "")
         )
-        lines.append("|---|---|" + "---|" * (len(splits) + 1))
+        lines.append("|---|---|" + "---|" * (len(splits) + 1 + aligned))
         for pe in result["pes"]:
             cells, seeds = [], 0
             for entry in splits.values():
@@ -558,8 +784,15 @@ def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | Non
                 cells.append(format_cell(summary, result["metric"]) if summary else "–")
                 seeds = max(seeds, summary["n"] if summary else 0)
             cells.append(convergence_cell(result, pe))
+            if aligned:
+                cells.append(alignment_cell(result, pe))
             lines.append(f"| {pe} | {seeds} | " + " | ".join(cells) + " |")
         lines += tuning_lines(result)
+        lines += question_lines(result)
+        lines += alignment_lines(result)
+        if result.get("not_analysed"):
+            lines += ["", "Not analysed (no per-question accuracy or alignment):"]
+            lines += [f"- {run}: {why}" for run, why in result["not_analysed"].items()]
         if result.get("left_out"):
             lines += [
                 "",
@@ -572,6 +805,93 @@ def markdown_report(results: list[dict[str, Any]], made_by: dict[str, Any] | Non
             if figure:
                 lines += ["", f"![{figure}]({figure})"]
     return "\n".join(lines) + "\n"
+
+
+def question_lines(result: dict[str, Any]) -> list[str]:
+    """Markdown lines of the per-question table: rows = encoding x question, columns = splits."""
+    questions = result.get("questions")
+    if not questions:
+        return []
+    splits = questions["splits"]
+    lines = [
+        "",
+        "### Per question",
+        "",
+        f"{result['metric_label'].capitalize()} per question asked, from each run's best weights "
+        "(cells as above; questions per split and seed in results.json).",
+        "",
+        "| pe | question | seeds | "
+        + " | ".join(split_heading(split, result["splits"][split]) for split in splits)
+        + " |",
+        "|---|---|---|" + "---|" * len(splits),
+    ]
+    for pe, by_question in questions["by_pe"].items():
+        for question, by_split in by_question.items():
+            cells = [
+                format_cell(by_split[split], result["metric"]) if split in by_split else "–"
+                for split in splits
+            ]
+            seeds = max(summary["n"] for summary in by_split.values())
+            lines.append(f"| {pe} | {question} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def alignment_lines(result: dict[str, Any]) -> list[str]:
+    """Markdown lines of the event-alignment table: rows = encoding x layer choice x split."""
+    alignment = result.get("alignment")
+    if not alignment:
+        return []
+    lines = [
+        "",
+        "### Event alignment (CoPE)",
+        "",
+        f"Readout query's positions over the first {alignment.get('examples', '?')} examples of "
+        "each split (`cope positions` scores one): alignment score = share of position steps "
+        "within one token of a true onset, onset recall = share of onsets with a step within one "
+        "token, position steps and events per clip. Best layer: "
+        f"{LAYER_CHOICES['best']} (chosen per seed: "
+        + "; ".join(
+            f"{pe}: {', '.join(map(str, layers))}"
+            for pe, layers in alignment["best_layers"].items()
+        )
+        + "). Cells: mean ± std [95% t-interval] over seeds; a seed whose positions never "
+        "stepped has no score and is left out of it.",
+        "",
+        "| pe | layers | split | seeds | "
+        + " | ".join(ALIGNMENT_LABELS[key] for key in ALIGNMENT_STATISTICS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(ALIGNMENT_STATISTICS),
+    ]
+    for pe, by_split in alignment["by_pe"].items():
+        for choice in LAYER_CHOICES:
+            for split in alignment["splits"]:
+                by_key = by_split.get(split, {}).get(choice)
+                if not by_key:
+                    continue
+                cells = [
+                    _statistic_cell(by_key[key], key) if key in by_key else "–"
+                    for key in ALIGNMENT_STATISTICS
+                ]
+                seeds = max(summary["n"] for summary in by_key.values())
+                heading = split_heading(split, result["splits"][split])
+                lines.append(
+                    f"| {pe} | {choice_label(choice)} | {heading} | {seeds} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return lines
+
+
+def _statistic_cell(summary: dict[str, Any], key: str) -> str:
+    """An alignment statistic: shares as accuracies (3 digits), counts with one decimal."""
+    if key in ("score", "recall"):
+        return format_cell(summary, "accuracy")
+    if summary["n"] < 2:
+        return f"{summary['mean']:.1f}"
+    return (
+        f"{summary['mean']:.1f} ± {summary['std']:.1f} "
+        f"[{summary['ci_low']:.1f}, {summary['ci_high']:.1f}]"
+    )
 
 
 def tuning_lines(result: dict[str, Any]) -> list[str]:
@@ -598,27 +918,71 @@ def tuning_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def analyse_records(
+    records: list[RunRecord],
+    *,
+    alignment_examples: int = ALIGNMENT_EXAMPLES,
+    device: str = "cpu",
+    on_message: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Fill each record's per-question counts and alignment (cached, else computed and cached;
+    see :mod:`recipes.engine.analysis`). Returns run dir -> why it could not be analysed."""
+    failures: dict[str, str] = {}
+    for record in records:
+        try:
+            analysis = analyse_run(
+                record.run_dir,
+                alignment_examples=alignment_examples,
+                device=device,
+                on_message=on_message,
+            )
+        except UserError as error:  # its data or recipe is not available here
+            failures[str(record.run_dir)] = str(error)
+            if on_message is not None:
+                on_message(f"not analysed: {record.run_dir}: {error}")
+            continue
+        record.questions, record.alignment = analysis.questions, analysis.alignment
+    return failures
+
+
 def build_report(
     paths: list[Path],
     out_dir: Path,
     pe_order: list[str] | None = None,
     names: dict[str, str] | None = None,
     tuning: dict[str, Any] | None = None,
+    *,
+    alignment_examples: int = ALIGNMENT_EXAMPLES,
+    device: str = "cpu",
+    on_message: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Collect finished runs below ``paths``, aggregate them and write every file.
 
     ``tuning`` (from a tuned comparison): ``{"keys": [...], "groups": [{"recipe", "variant",
     "pe", "chosen", "candidates"}]}`` (see ``compare.select_by_val``); the tuned keys then do
     not split groups, and each group states what was chosen for its encodings.
+
+    Per-question accuracy and event alignment (``alignment_examples`` per split; 0: none) come
+    from each run's cache, computed on ``device`` where missing; ``on_message`` hears about it.
     """
     records = collect_runs(paths)
     if not records:
         raise UserError(f"no finished runs under {', '.join(map(str, paths))}")
     records, left_out = newest_per_seed(records)
+    failures = analyse_records(
+        records, alignment_examples=alignment_examples, device=device, on_message=on_message
+    )
     tuned = tuple(tuning["keys"]) if tuning else ()
     results = []
     for group in group_runs(records, names, tuned):
         result = aggregate(group, pe_order)
+        if result["alignment"]:
+            result["alignment"]["examples"] = alignment_examples
+        result["not_analysed"] = {
+            run: why
+            for run, why in failures.items()
+            if any(str(record.run_dir) == run for record in group.records)
+        }
         signatures = {_signature(record, tuned) for record in group.records}
         result["left_out"] = [
             str(record.run_dir) for record in left_out if _signature(record, tuned) in signatures

@@ -4,7 +4,8 @@ A run directory holds ``config.json`` (resolved config), ``env.json`` (versions,
 commit, command line), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
 ``checkpoint.pt`` (latest), ``checkpoint.prev.pt`` (the one before, kept as a fallback should
 the latest be found damaged), ``best.pt`` (best on validation), ``eval.json`` (final evaluation)
-and ``done`` (written last: the run finished). Every file is written atomically through
+and ``done`` (written last: the run finished); reports cache analyses of the best weights beside
+them (``questions.json``, ``alignment.json``). Every file is written atomically through
 :mod:`recipes.files`; the checkpoints carry a content digest checked on load.
 """
 
@@ -31,6 +32,10 @@ PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # checkpoint.previous_of(CHECKP
 BEST_FILE = "best.pt"
 EVAL_FILE = "eval.json"
 DONE_FILE = "done"
+# Analyses of the best weights that reports read, cached (written at the end of training or by
+# the first report that needs them) and tied to the weights by weights_stamp.
+QUESTIONS_FILE = "questions.json"
+ALIGNMENT_FILE = "alignment.json"
 
 _RUN_NAME = re.compile(r"^seed(?P<seed>-?\d+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<extra>\d+))?$")
 
@@ -140,6 +145,26 @@ def read_json(path: Path) -> Any:
         raise UserError(f"file not found: {path}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is damaged (not valid JSON: {error})") from None
+
+
+def weights_stamp(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the weights an eval.json describes: its step and best step (a run
+    extended by more steps gets new ones)."""
+    return {"step": evaluation.get("step"), "best_step": evaluation.get("best_step")}
+
+
+def write_analysis(path: Path, stamp: dict[str, Any], content: dict[str, Any]) -> None:
+    """Cache an analysis of a run's best weights (QUESTIONS_FILE, ALIGNMENT_FILE) atomically."""
+    write_json_atomic(path, {"weights": stamp, **content})
+
+
+def read_analysis(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+    """A cached analysis of the weights ``stamp`` names; None when missing, damaged or stale."""
+    try:
+        cached = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return cached if isinstance(cached, dict) and cached.get("weights") == stamp else None
 
 
 # Options added after runs were saved, with the value that reproduces what those runs did ("*":

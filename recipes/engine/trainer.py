@@ -781,7 +781,11 @@ def final_evaluation(
     best_path = run_dir / rundir.BEST_FILE
     if best_path.is_file():
         load_model_state(_unwrap(model), load_checkpoint(best_path, recipe.name), best_path)
-    evaluation = evaluate_splits(_unwrap(model), bundle, config, device, observer, splits)
+    question_of = question_namer(recipe, config)
+    evaluation = evaluate_splits(
+        _unwrap(model), bundle, config, device, observer, splits, question_of=question_of
+    )
+    questions = {name: split.pop("questions", {}) for name, split in evaluation.items()}
     result = {
         "recipe": recipe.name,
         "pe": config["model.pe"],
@@ -791,8 +795,19 @@ def final_evaluation(
         "best_step": progress.best_step,
         "splits": evaluation,
     }
+    if question_of is not None:  # per-question accuracy, cached beside eval.json for reports
+        rundir.write_analysis(
+            run_dir / rundir.QUESTIONS_FILE, rundir.weights_stamp(result), {"splits": questions}
+        )
     rundir.write_json_atomic(run_dir / rundir.EVAL_FILE, result)
     return result
+
+
+def question_namer(recipe: Recipe, config: Config) -> Callable[[dict[str, Any]], str | None] | None:
+    """The recipe's item -> question name under ``config``; None when it asks no questions."""
+    if not recipe.asks_questions:
+        return None
+    return lambda item: recipe.question_of(item, config)
 
 
 def evaluate_splits(
@@ -802,8 +817,13 @@ def evaluate_splits(
     device: torch.device,
     observer: TrainObserver,
     splits: list[str] | None = None,
+    *,
+    question_of: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy and loss of ``model`` on the named splits (all when None)."""
+    """Accuracy and loss of ``model`` on the named splits (all when None).
+
+    With ``question_of``, each split's result also has ``questions`` (see :func:`evaluate`).
+    """
     names = list(bundle.splits) if splits is None else splits
     unknown = [name for name in names if name not in bundle.splits]
     if unknown:
@@ -822,6 +842,7 @@ def evaluate_splits(
                 device=device,
                 on_batch=lambda done, total, name=name: observer.eval_progress(name, done, total),
                 precision=config.get("train.precision", "auto"),
+                question_of=question_of,
             )
         observer.evaluation(-1, name, metrics)
         results[name] = {**metrics, "ood": split.ood, "description": split.description}

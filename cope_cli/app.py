@@ -162,7 +162,8 @@ CopeGateOption = Annotated[
     str | None,
     typer.Option(
         help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
-        "at changes between neighbouring keys, token is a per-token head. Default: qk."
+        "at changes between neighbouring keys, token is a per-token head, change opens where "
+        "the encoder's input features change (one detector shared by the layers). Default: qk."
     ),
 ]
 TuneOption = Annotated[

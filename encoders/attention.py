@@ -104,9 +104,14 @@ class MultiHeadAttention(nn.Module):
         self.last_record: dict[str, Tensor | None] | None = None
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, coords: Tensor | None = None
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        coords: Tensor | None = None,
+        gate_logits: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None."""
+        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None;
+        gate_logits: (B, H, T) from the model's shared gate (CoPE's change gate) or None."""
         if coords is None:
             coords = line_coords(x.shape[1], x.device)
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
@@ -121,6 +126,7 @@ class MultiHeadAttention(nn.Module):
                 record=self.record,
                 layer_input=x,
                 coords=coords,
+                gate_logits=gate_logits,
             )
         else:
             bias = self.positions.score_bias(coords, q)

@@ -13,8 +13,8 @@ Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719); the math
 - ``"auto"``: the cheapest available path by a committed calibration table of measured costs
   (:func:`select_impl`).
 
-The gate variants ``"onset"`` and ``"token"`` run on the reference or the fused kernel: with
-``impl="blockwise"`` or ``"triton"`` they run on the reference. This module imports the
+The gate variants ``"onset"``, ``"token"`` and ``"change"`` run on the reference or the fused
+kernel: with ``impl="blockwise"`` or ``"triton"`` they run on the reference. This module imports the
 implementations; they import only :mod:`encoders.cope_core`, never each other.
 """
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from encoders.cope_blockwise import blockwise_cope_attention
 from encoders.cope_core import (
     GATES,
+    PER_KEY_GATES,
     Gate,
     check_gate_inputs,
     compute_dtype,
@@ -46,6 +47,7 @@ from encoders.cope_triton import triton_available, triton_cope_attention
 __all__ = [
     "GATES",
     "IMPLS",
+    "PER_KEY_GATES",
     "CoPE",
     "Gate",
     "Impl",
@@ -170,8 +172,8 @@ def cope_attention(
     q, k, v: (B, H, T, D); pos_emb: (npos, D) shared by heads or (H, npos, D) per head, with
     2*npos-1 rows when ``causal=False``; key_padding_mask: (B, T), True marks padding.
     ``gate``: "qk" (the paper's), "onset" (needs ``gate_keys``, e.g. :func:`onset_keys` of k)
-    or "token" (needs ``gate_logits`` (B, H, T)); blockwise and triton know only "qk", so the
-    other gates run on the reference when one of them is asked for.
+    or "token" / "change" (need ``gate_logits`` (B, H, T)); blockwise and triton know only
+    "qk", so the other gates run on the reference when one of them is asked for.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
@@ -233,7 +235,8 @@ class CoPE(nn.Module):
         key_padding_mask: Tensor | None = None,
         gate_logits: Tensor | None = None,
     ) -> Tensor:
-        """Attention with this layer's gate; ``gate_logits`` (B, H, T) for the token gate."""
+        """Attention with this layer's gate; ``gate_logits`` (B, H, T) for the token and change
+        gates."""
         return cope_attention(
             q,
             k,

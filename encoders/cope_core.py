@@ -13,8 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Gate = Literal["qk", "onset", "token"]
-GATES: tuple[str, ...] = ("qk", "onset", "token")
+Gate = Literal["qk", "onset", "token", "change"]
+GATES: tuple[str, ...] = ("qk", "onset", "token", "change")
+# Gates that are one value per key, the same for every query, given as logits (B, H, T): they
+# differ only in where the logits come from (``token``: each layer's input; ``change``: a change
+# detector on the encoder's input, shared by the layers), not in the attention maths.
+PER_KEY_GATES: tuple[str, ...] = ("token", "change")
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -59,11 +63,11 @@ def check_gate_inputs(
             raise ValueError(f"the onset gate needs gate_keys shaped like q {tuple(q.shape)}")
     elif gate_keys is not None:
         raise ValueError(f"gate_keys is only used by the onset gate, not {gate!r}")
-    if gate == "token":
+    if gate in PER_KEY_GATES:
         if gate_logits is None or gate_logits.shape != q.shape[:-1]:
-            raise ValueError(f"the token gate needs gate_logits of shape {tuple(q.shape[:-1])}")
+            raise ValueError(f"the {gate} gate needs gate_logits of shape {tuple(q.shape[:-1])}")
     elif gate_logits is not None:
-        raise ValueError(f"gate_logits is only used by the token gate, not {gate!r}")
+        raise ValueError(f"gate_logits is only used by the token and change gates, not {gate!r}")
 
 
 def position_logits(q: Tensor, pos_emb: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -6,7 +6,8 @@ in T-long buffers, and no (T, T) tensor is stored; the backward recomputes each 
 output and the log-sum-exp. It is registered as the ``torch.ops.cope`` custom ops with the
 autograd formula below; the position logits z = q e^T (and the onset gate's differenced keys)
 are ordinary torch ops in front of it, so autograd carries their gradients to q, k and the table.
-It handles every gate variant, causal and bidirectional attention and key padding.
+It handles every gate variant (:data:`KERNEL_GATES`), causal and bidirectional attention and key
+padding.
 
 The kernel is compiled ahead of time by the install step (``make install``, or
 ``python -m encoders.cope_cpu``) into ``encoders/csrc/build/``; the library name carries a hash of
@@ -25,7 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from encoders.cope_core import GATES, compute_dtype, npos_of_table, position_logits
+from encoders.cope_core import compute_dtype, npos_of_table, position_logits
+
+# The kernel's gate codes (kQK, kOnset, kToken in cope_cpu.cpp). The change gate is a per-key
+# gate like the token gate: only where its logits come from differs, so it runs as kToken.
+KERNEL_GATES: dict[str, int] = {"qk": 0, "onset": 1, "token": 2, "change": 2}
 
 SOURCE = Path(__file__).parent / "csrc" / "cope_cpu.cpp"
 # Where the install step puts the library; COPE_KERNEL_DIR overrides it (tests, read-only trees).
@@ -141,7 +146,7 @@ def fused_cope_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), z,
             None if gate_keys is None else gate_keys.to(dtype),
             None if gate_logits is None else gate_logits.to(dtype),
-            valid, GATES.index(gate), causal, npos,
+            valid, KERNEL_GATES[gate], causal, npos,
         )  # fmt: skip
     return out.to(v.dtype)
 

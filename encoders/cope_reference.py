@@ -34,6 +34,11 @@ Gate variants (``gate=``; the maths above is ``"qk"``, the paper's, unchanged):
   Callers pass the differenced keys as ``gate_keys`` (:func:`encoders.cope_core.onset_keys`).
 - ``"token"``: a query-independent gate g_ij = sigmoid(l_j) from per-key logits ``gate_logits``
   (B, H, T), e.g. a small linear head w_h . x_j + b_h on each token's layer input.
+- ``"change"``: the same per-key gate g_ij = sigmoid(l_j); its logits come from a change
+  detector on the encoder's input, shared by every layer
+  (:class:`encoders.positions.ChangeGate`): l_jh = a_h . phi(x_j - x_{j-1}) + b_h, with no
+  change at the first token of the signal. This function takes the logits as inputs, like the
+  token gate's.
 
 Masked keys get g = 0 in every variant; attention scores stay q_i . k_j / sqrt(d).
 
@@ -81,7 +86,7 @@ def gate_values(
     if gate == "onset":
         change = scaled_scores(q, gate_keys, scores.dtype)
         gates = (2 * torch.sigmoid(change) - 1).abs()
-    else:  # "token": one gate per key, the same for every query
+    else:  # "token", "change": one gate per key, the same for every query
         gates = torch.sigmoid(gate_logits.to(scores.dtype))[..., None, :].expand_as(scores)
     return gates.masked_fill(~allowed, 0.0)
 

@@ -20,11 +20,16 @@ from torch import Tensor, nn
 
 
 class FrontendOutput(NamedTuple):
-    """Tokens (B, T', dim), padding mask (B, T') or None, coordinates (T', n_axes) or None."""
+    """Tokens (B, T', dim), padding mask (B, T') or None, coordinates (T', n_axes) or None.
+
+    ``leading``: tokens before the signal (a question token); CoPE's change gate measures no
+    change into the signal's first token.
+    """
 
     tokens: Tensor
     padding_mask: Tensor | None
     coords: Tensor | None
+    leading: int = 0
 
 
 def subsample_mask(padding_mask: Tensor | None, group: int) -> Tensor | None:

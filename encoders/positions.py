@@ -1,10 +1,14 @@
 """The position-encoding zoo behind one interface, and its registry.
 
 Every encoding is one :class:`PositionEncoding` subclass plus one registry line. It says where it
-acts through four hooks that :mod:`encoders.attention` calls for every encoding alike:
+acts through five hooks that :mod:`encoders.attention` and :mod:`encoders.transformer` call for
+every encoding alike:
 
 - ``input_encoding(spec)`` (class method): a model-level module added to the encoder's input
   (``abs``, ``sin``), built once per model; None for the others.
+- ``shared_gate(spec)`` (class method): a model-level module that turns the encoder's input into
+  gate logits (B, H, T) every layer's ``attend`` receives (CoPE's ``change`` gate,
+  :class:`ChangeGate`); None for the others.
 - ``rotate(q, k, coords)``: rotates queries and keys before the scores (``rope``).
 - ``score_bias(coords, q)``: an additive bias on the scaled scores, (heads, T, T) or, when it
   depends on the queries, (B, heads, T, T) (``alibi``, ``t5``, ``rel``).
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.cope import (
+    PER_KEY_GATES,
     CoPE,
     compute_dtype,
     cope_attention,
@@ -59,7 +64,7 @@ class PositionSpec:
     npos: int  # CoPE position cap (its table has npos rows, 2*npos-1 when bidirectional)
     cope_per_head: bool = False
     cope_impl: str = "auto"
-    cope_gate: str = "qk"  # CoPE gate variant: qk (paper), onset, token (encoders.cope)
+    cope_gate: str = "qk"  # CoPE gate variant: qk (paper), onset, token, change (encoders.cope)
     # The authors' code divides CoPE's position logits by sqrt(head_dim) along with the scores
     # (its default; --cope-nodiv gives the paper's formula, our default False).
     cope_scale_logits: bool = False
@@ -90,6 +95,12 @@ class PositionEncoding(nn.Module):
         """A model-level module ``forward(x, coords) -> x`` applied to the input, or None."""
         return None
 
+    @classmethod
+    def shared_gate(cls, spec: PositionSpec) -> nn.Module | None:
+        """A model-level module ``forward(x, signal_mask) -> gate logits (B, H, T)`` whose
+        output every layer's ``attend`` gets as ``gate_logits``, or None."""
+        return None
+
     def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
         """Queries and keys (B, H, T, D) after any rotation; identity by default."""
         return q, k
@@ -111,11 +122,13 @@ class PositionEncoding(nn.Module):
         record: bool,
         layer_input: Tensor | None = None,
         coords: Tensor | None = None,
+        gate_logits: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Attention computed by the encoding: (output, weights if record, positions if record).
 
         ``layer_input`` (B, T, dim) is what the layer's q/k/v were projected from (for gates
-        computed from the tokens themselves); ``coords`` (T, n_axes) the tokens' coordinates.
+        computed from the tokens themselves); ``coords`` (T, n_axes) the tokens' coordinates;
+        ``gate_logits`` (B, H, T) the output of the model's :meth:`shared_gate` module, if any.
         """
         raise NotImplementedError(f"{type(self).__name__} does not replace the attention kernel")
 
@@ -417,9 +430,9 @@ def gate_sums(
 
     Equal to ``cope_gates(...).sum(-1)`` but leaner, so the regulariser costs little beside a
     kernel that keeps no gates: one (B, H, T, T) product for qk and onset (whose gate
-    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the token gate.
+    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the per-key gates (token, change).
     """
-    if gate == "token":
+    if gate in PER_KEY_GATES:
         gates = torch.sigmoid(gate_logits.float())
         if key_padding_mask is not None:
             gates = gates.masked_fill(key_padding_mask[:, None, :], 0.0)
@@ -452,6 +465,54 @@ def gate_budget_penalty(
     return (excess * real).sum() / real.sum().clamp(min=1)
 
 
+class ChangeGate(nn.Module):
+    """CoPE's ``change`` gate: per-head gate logits from a change detector on the encoder input.
+
+    One module per model, shared by every layer, query-independent; for token j and head h::
+
+        n_j    = LayerNorm(x_j)                      (no affine: the frontend cannot rescale it)
+        d_j    = W (n_j - n_{j-1})                   (W learned, initialised to the identity)
+        l_jh   = a_h . [relu(d_j), relu(-d_j)] + b_h (rising and falling changes apart)
+
+    and the gate is g_jh = sigmoid(l_jh) (:mod:`encoders.cope_reference`). d_j = 0 at the first
+    token of the signal and wherever token j or j-1 is not a signal token (``signal_mask``: a
+    CLS, question or readout token, padding), so those steps never count as a change.
+
+    Initialisation (a_h = SHARPNESS / dim everywhere, b_h = -SHARPNESS * THRESHOLD):
+    l_jh = SHARPNESS * (mean_c |d_jc| - THRESHOLD), a gate that opens where the normalised
+    features change by more than THRESHOLD per channel on average (two unrelated tokens differ
+    by about 1.13, and their gate is about 0.94) and is sigmoid(-SHARPNESS * THRESHOLD) < 1e-4
+    on a steady input, so that positions start out counting changes, not tokens.
+    """
+
+    THRESHOLD = 0.9
+    SHARPNESS = 12.0
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.project = nn.Linear(dim, dim, bias=False)
+        self.head = nn.Linear(2 * dim, heads)
+        with torch.no_grad():
+            self.project.weight.copy_(torch.eye(dim))
+            self.head.weight.fill_(self.SHARPNESS / dim)
+            self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
+
+    def changes(self, x: Tensor, signal_mask: Tensor | None = None) -> Tensor:
+        """d_j = W (n_j - n_{j-1}), (B, T, dim): 0 at the first token and off the signal."""
+        projected = self.project(self.norm(x))
+        change = projected[:, 1:] - projected[:, :-1]
+        if signal_mask is not None:
+            counted = signal_mask[:, 1:] & signal_mask[:, :-1]
+            change = change * counted[..., None].to(change.dtype)
+        return torch.cat((torch.zeros_like(projected[:, :1]), change), dim=1)
+
+    def forward(self, x: Tensor, signal_mask: Tensor | None = None) -> Tensor:
+        """Gate logits (B, H, T) of the encoder input x (B, T, dim); ``signal_mask`` (B, T)."""
+        change = self.changes(x, signal_mask)
+        return self.head(torch.cat((F.relu(change), F.relu(-change)), dim=-1)).transpose(1, 2)
+
+
 @register_position_encoding("cope")
 class ContextualPositions(PositionEncoding):
     """CoPE: gated, context-dependent positions; replaces the attention kernel.
@@ -459,8 +520,10 @@ class ContextualPositions(PositionEncoding):
     One table per layer shared by the heads (or per head), zero-initialised, npos rows when
     causal and 2*npos-1 signed rows when bidirectional (see :mod:`encoders.cope`).
 
-    ``spec.cope_gate`` picks the gate: "qk" (paper), "onset" (differenced keys) or "token"
-    (``gate_head``: a Linear(dim, heads) on the layer input, one gate logit per key and head).
+    ``spec.cope_gate`` picks the gate: "qk" (paper), "onset" (differenced keys), "token"
+    (``gate_head``: a Linear(dim, heads) on the layer input, one gate logit per key and head) or
+    "change" (the model's :class:`ChangeGate` on the encoder input, the same logits in every
+    layer, handed to ``attend`` as ``gate_logits``).
     ``spec.cope_scale_logits`` divides the position logits z_i[n] = q_i . e[n] by sqrt(d), as
     the authors' code does by default; it passes the kernel e / sqrt(d), which is exactly
     (q_i . e[n]) / sqrt(d). ``spec.attn_dropout`` drops attention weights while training (the
@@ -491,8 +554,13 @@ class ContextualPositions(PositionEncoding):
         self.last_gates: Tensor | None = None
         self.auxiliary_loss: Tensor | None = None
 
+    @classmethod
+    def shared_gate(cls, spec: PositionSpec) -> nn.Module | None:
+        """The model's :class:`ChangeGate` for the change gate; None for the other gates."""
+        return ChangeGate(spec.dim, spec.heads) if spec.cope_gate == "change" else None
+
     def gate_inputs(
-        self, k: Tensor, layer_input: Tensor | None
+        self, k: Tensor, layer_input: Tensor | None, shared_logits: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None]:
         """(gate_keys, gate_logits) the layer's gate variant needs, None where unused."""
         if self.spec.cope_gate == "onset":
@@ -501,6 +569,10 @@ class ContextualPositions(PositionEncoding):
             if layer_input is None:
                 raise ValueError("the token gate needs the layer input (attend(layer_input=x))")
             return None, self.gate_head(layer_input).transpose(1, 2)  # (B, H, T)
+        if self.spec.cope_gate == "change":
+            if shared_logits is None:
+                raise ValueError("the change gate needs the model's logits (attend(gate_logits=))")
+            return None, shared_logits
         return None, None
 
     def position_table(self) -> Tensor:
@@ -527,10 +599,11 @@ class ContextualPositions(PositionEncoding):
         record: bool,
         layer_input: Tensor | None = None,
         coords: Tensor | None = None,
+        gate_logits: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         head_dim = v.shape[-1]
         q, k, v, table = self.kernel_inputs(q, k, v, coords)
-        gate_keys, gate_logits = self.gate_inputs(k, layer_input)
+        gate_keys, gate_logits = self.gate_inputs(k, layer_input, gate_logits)
         gate = {"gate": self.spec.cope_gate, "gate_keys": gate_keys, "gate_logits": gate_logits}
         dropout = self.spec.attn_dropout if self.training else 0.0
         self.last_gates = None

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from encoders.attention import MultiHeadAttention
 from encoders.cope import GATES
+from encoders.frontends import FrontendOutput
 from encoders.positions import PositionSpec, get_position_encoding
 
 NORMS: tuple[str, ...] = ("pre", "post")  # where each block's LayerNorms sit
@@ -51,7 +52,7 @@ class EncoderConfig:
     cope_impl: str = "auto"
     pooling: str = "cls"  # "cls" | "mean"
     grid: tuple[int, ...] | None = None  # row-major token layout for axial coords (see Encoder)
-    cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token": CoPE's gate (encoders.cope)
+    cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token" | "change" (encoders.cope)
     # The paper's formula (False) or the authors' code (True): CoPE's position logits / sqrt(d).
     cope_scale_logits: bool = False
     attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
@@ -155,11 +156,21 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.pre_norm = config.norm == "pre"
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, coords: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None,
+        coords: Tensor | None,
+        gate_logits: Tensor | None = None,
+    ) -> Tensor:
+        """One layer; ``gate_logits`` (B, H, T): the encoder's shared gate logits, if any."""
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.norm_attention(x), padding_mask, coords))
+            attended = self.attention(self.norm_attention(x), padding_mask, coords, gate_logits)
+            x = x + self.dropout(attended)
             return x + self.dropout(self.feed_forward(self.norm_feed_forward(x)))
-        x = self.norm_attention(x + self.dropout(self.attention(x, padding_mask, coords)))
+        x = self.norm_attention(
+            x + self.dropout(self.attention(x, padding_mask, coords, gate_logits))
+        )
         return self.norm_feed_forward(x + self.dropout(self.feed_forward(x)))
 
 
@@ -168,6 +179,8 @@ class Encoder(nn.Module):
 
     ``coords`` (T, n_axes) long gives each token's position per axis; None means the flat index,
     or, when ``config.grid`` is set, the row-major layout over that grid (:func:`grid_coords`).
+    ``shared_gate`` (CoPE's change gate, else None) computes gate logits once from the input
+    and hands them to every layer; ``signal_mask`` (B, T) tells it which tokens are the signal.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -175,6 +188,7 @@ class Encoder(nn.Module):
         self.config = config
         encoding = get_position_encoding(config.pe)
         self.input_positions = encoding.input_encoding(config.position_spec())
+        self.shared_gate = encoding.shared_gate(config.position_spec())
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
@@ -186,20 +200,41 @@ class Encoder(nn.Module):
         return coords
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, coords: Tensor | None = None
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        coords: Tensor | None = None,
+        signal_mask: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None."""
+        """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None;
+        signal_mask: (B, T) True on the signal's tokens (None: every unpadded token)."""
         coords = self.resolve_coords(x.shape[1], coords, x.device)
+        gate_logits = None
+        if self.shared_gate is not None:
+            if signal_mask is None and padding_mask is not None:
+                signal_mask = ~padding_mask
+            gate_logits = self.shared_gate(x, signal_mask)  # from the input features, (B, H, T)
         if self.input_positions is not None:
             x = self.input_positions(x, coords)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, padding_mask, coords)
+            x = block(x, padding_mask, coords, gate_logits)
         return self.final_norm(x)
 
 
 def _project(frontend_dim: int, dim: int) -> nn.Module:
     return nn.Identity() if frontend_dim == dim else nn.Linear(frontend_dim, dim)
+
+
+def signal_mask(front: FrontendOutput, length: int) -> Tensor:
+    """(B, length) True on a frontend's signal tokens: neither padding nor its ``leading`` ones."""
+    tokens = front.tokens
+    if front.padding_mask is None:
+        signal = torch.ones(tokens.shape[0], length, dtype=torch.bool, device=tokens.device)
+    else:
+        signal = ~front.padding_mask
+    signal[:, : front.leading] = False
+    return signal
 
 
 def masked_mean(x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -230,19 +265,23 @@ class SequenceClassifier(nn.Module):
         front = self.frontend(inputs, padding_mask)
         tokens, mask = self.project(front.tokens), front.padding_mask
         coords = self.encoder.resolve_coords(tokens.shape[1], front.coords, tokens.device)
+        signal = signal_mask(front, tokens.shape[1])
         if self.config.pooling == "mean":
-            return self.head(masked_mean(self.encoder(tokens, mask, coords), mask))
+            return self.head(masked_mean(self.encoder(tokens, mask, coords, signal), mask))
         if self.config.causal:
-            return self._causal_readout(tokens, mask, coords)
+            return self._causal_readout(tokens, mask, coords, signal)
         batch = tokens.shape[0]
         tokens = torch.cat((self.cls_token.to(tokens.dtype).expand(batch, 1, -1), tokens), dim=1)
+        signal = torch.cat((signal.new_zeros(batch, 1), signal), dim=1)  # CLS is no signal
         if mask is not None:
             mask = torch.cat((mask.new_zeros(batch, 1), mask), dim=1)
         if coords is not None:  # CLS at 0 on every axis, tokens shifted by one
             coords = torch.cat((coords.new_zeros(1, coords.shape[1]), coords + 1), dim=0)
-        return self.head(self.encoder(tokens, mask, coords)[:, 0])
+        return self.head(self.encoder(tokens, mask, coords, signal)[:, 0])
 
-    def _causal_readout(self, tokens: Tensor, mask: Tensor | None, coords: Tensor | None):
+    def _causal_readout(
+        self, tokens: Tensor, mask: Tensor | None, coords: Tensor | None, signal: Tensor
+    ) -> Tensor:
         """Put the readout token right after each sequence's last real token and read it."""
         batch, length, _ = tokens.shape
         lengths = (
@@ -254,11 +293,13 @@ class SequenceClassifier(nn.Module):
         rows = torch.arange(batch, device=tokens.device)
         readout = self.cls_token.to(tokens.dtype).expand(batch, -1)
         tokens = tokens.index_put((rows, lengths), readout)
+        signal = torch.cat((signal, signal.new_zeros(batch, 1)), dim=1)
+        signal = signal.index_put((rows, lengths), signal.new_zeros(batch))  # readout: no signal
         steps = torch.arange(length + 1, device=tokens.device)
         extended_mask = steps[None, :] > lengths[:, None] if mask is not None else None
         if coords is not None:
             coords = torch.cat((coords, coords.max(dim=0, keepdim=True).values + 1), dim=0)
-        encoded = self.encoder(tokens, extended_mask, coords)
+        encoded = self.encoder(tokens, extended_mask, coords, signal)
         return self.head(encoded[rows, lengths])
 
 
@@ -276,7 +317,10 @@ class TokenClassifier(nn.Module):
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T', num_classes) for the frontend's T' tokens."""
         front = self.frontend(inputs, padding_mask)
-        encoded = self.encoder(self.project(front.tokens), front.padding_mask, front.coords)
+        tokens = self.project(front.tokens)
+        encoded = self.encoder(
+            tokens, front.padding_mask, front.coords, signal_mask(front, tokens.shape[1])
+        )
         return self.head(encoded)
 
 

@@ -389,7 +389,7 @@ class QuestionFrontend(nn.Module):
         mask = front.padding_mask
         if mask is not None:
             mask = torch.cat((mask.new_zeros(mask.shape[0], 1), mask), dim=1)
-        return FrontendOutput(tokens, mask, None)
+        return FrontendOutput(tokens, mask, None, leading=1)
 
 
 def longest_tokens(data: dict[str, Any]) -> int:

@@ -15,7 +15,8 @@ from encoders.cope_reference import reference_cope_attention
 needs_kernel = pytest.mark.skipif(
     not kernel_available(), reason="CPU kernel not built (run make install)"
 )
-GATES = ("qk", "onset", "token")
+GATES = ("qk", "onset", "token", "change")
+PER_KEY = ("token", "change")  # gates given as per-key logits
 
 
 def make_case(
@@ -43,7 +44,7 @@ def make_case(
     rows = table_size(npos, causal)
     table = randn(*((heads,) if per_head else ()), rows, dim) * 0.5
     leaves = [q, k, randn(*shape), table]
-    if gate == "token":
+    if gate in PER_KEY:
         leaves.append(randn(batch, heads, length) * 2)
     mask = None
     if padded:
@@ -60,7 +61,7 @@ def run(fn, leaves: list[torch.Tensor], kwargs: dict, gate: str, grad_out: torch
     gate_inputs = {
         "gate": gate,
         "gate_keys": onset_keys(k) if gate == "onset" else None,
-        "gate_logits": leaves[4] if gate == "token" else None,
+        "gate_logits": leaves[4] if gate in PER_KEY else None,
     }
     out = fn(q, k, v, table, **kwargs, **gate_inputs)
     return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]

@@ -10,6 +10,7 @@ import torch
 
 from encoders.cope import cope_gates, onset_keys
 from encoders.cope_cpu import kernel_available
+from encoders.frontends import FrontendOutput
 from encoders.positions import (
     ContextualPositions,
     PositionSpec,
@@ -28,7 +29,7 @@ class _Tokens(torch.nn.Module):
     dim = 8
 
     def forward(self, inputs, padding_mask=None):
-        return type("Front", (), {"tokens": inputs, "padding_mask": padding_mask, "coords": None})
+        return FrontendOutput(inputs, padding_mask, None)
 
 
 def test_penalty_matches_a_hand_computation() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from encoders.cope_core import GATES, compute_dtype, npos_of_table, position_logits
+from encoders.cope_core import GATES, compute_dtype, npos_of_table
 
 SOURCE = Path(__file__).parent / "csrc" / "cope_cpu.cpp"
 # Where the install step puts the library; COPE_KERNEL_DIR overrides it (tests, read-only trees).
@@ -83,19 +83,19 @@ def _register_autograd() -> None:
     """Attach the backward kernel to the forward op (once per process)."""
 
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        q, k, v, z, gate_keys, gate_logits, valid, gate, causal, npos = inputs
+        q, k, v, table, gate_keys, gate_logits, valid, gate, causal, npos = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, z, gate_keys, gate_logits, valid, out, lse)
+        ctx.save_for_backward(q, k, v, table, gate_keys, gate_logits, valid, out, lse)
         ctx.options = (gate, causal, npos)
 
     def backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):  # type: ignore[no-untyped-def]
-        q, k, v, z, gate_keys, gate_logits, valid, out, lse = ctx.saved_tensors
-        dq, dk, dv, dz, dgk, dgl = torch.ops.cope.backward(
-            grad_out.contiguous(), q, k, v, z, gate_keys, gate_logits, valid, out, lse,
+        q, k, v, table, gate_keys, gate_logits, valid, out, lse = ctx.saved_tensors
+        dq, dk, dv, dtable, dgk, dgl = torch.ops.cope.backward(
+            grad_out.contiguous(), q, k, v, table, gate_keys, gate_logits, valid, out, lse,
             *ctx.options,
         )  # fmt: skip
         return (
-            dq, dk, dv, dz,
+            dq, dk, dv, dtable,
             dgk if gate_keys is not None else None,
             dgl if gate_logits is not None else None,
             None, None, None, None,
@@ -104,7 +104,7 @@ def _register_autograd() -> None:
     torch.library.register_autograd("cope::forward", backward, setup_context=setup_context)
 
     @torch.library.register_fake("cope::forward")
-    def _(q, k, v, z, gate_keys, gate_logits, valid, gate, causal, npos):  # type: ignore[no-untyped-def]
+    def _(q, k, v, table, gate_keys, gate_logits, valid, gate, causal, npos):  # type: ignore[no-untyped-def]
         return torch.empty_like(q), q.new_empty(q.shape[:-1])
 
 
@@ -136,9 +136,8 @@ def fused_cope_attention(
     valid = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8)
     # Under autocast the matmuls would run in bf16: CoPE keeps gates and positions in float32.
     with torch.autocast(q.device.type, enabled=False):
-        z = position_logits(q, pos_emb, dtype)
         out, _ = torch.ops.cope.forward(
-            q.to(dtype), k.to(dtype), v.to(dtype), z,
+            q.to(dtype), k.to(dtype), v.to(dtype), pos_emb.to(dtype),
             None if gate_keys is None else gate_keys.to(dtype),
             None if gate_logits is None else gate_logits.to(dtype),
             valid, GATES.index(gate), causal, npos,

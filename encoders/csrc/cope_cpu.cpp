@@ -22,6 +22,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define COPE_AVX2 1
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -67,18 +72,83 @@ COPE_INLINE scalar_t sigmoid(scalar_t x) {
   return scalar_t(1) / (scalar_t(1) + fast_exp(-x));
 }
 
-// 32-byte vectors (GCC/Clang vector extensions) for the matrix products and the running sums.
+// 32-byte vectors (GCC/Clang vector extensions) for the matrix products and every pass over a
+// block: vec holds W lanes (rows of the block), ivec their table indices. With AVX2 the floor
+// and the table gathers are single instructions; elsewhere they are done lane by lane.
 template <typename scalar_t>
 struct Simd;
+
 template <>
 struct Simd<float> {
   typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t ivec __attribute__((vector_size(32)));
   static constexpr int64_t W = 8;
+
+  static COPE_INLINE vec floor(vec x) {
+#ifdef COPE_AVX2
+    return (vec)_mm256_floor_ps((__m256)x);
+#else
+    for (int64_t l = 0; l < W; ++l) x[l] = std::floor(x[l]);
+    return x;
+#endif
+  }
+  static COPE_INLINE vec gather(const float* base, ivec index) {
+#ifdef COPE_AVX2
+    return (vec)_mm256_i32gather_ps(base, (__m256i)index, 4);
+#else
+    vec out;
+    for (int64_t l = 0; l < W; ++l) out[l] = base[index[l]];
+    return out;
+#endif
+  }
+  // fast_exp, lane-wise.
+  static COPE_INLINE vec exp(vec x) {
+    const vec lowest = vec{} - 87.0f, highest = vec{} + 88.0f;
+    vec clamped = x < lowest ? lowest : x;
+    clamped = clamped > highest ? highest : clamped;
+    const vec n = floor(clamped * 1.44269504088896341f + 0.5f);
+    vec r = clamped - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    const vec r2 = r * r;
+    vec y = vec{} + 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r2 + r + 1.0f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return x < lowest ? vec{} : y * (vec)bits;
+  }
 };
+
 template <>
 struct Simd<double> {
   typedef double vec __attribute__((vector_size(32)));
+  typedef int32_t ivec __attribute__((vector_size(16)));
   static constexpr int64_t W = 4;
+
+  static COPE_INLINE vec floor(vec x) {
+#ifdef COPE_AVX2
+    return (vec)_mm256_floor_pd((__m256d)x);
+#else
+    for (int64_t l = 0; l < W; ++l) x[l] = std::floor(x[l]);
+    return x;
+#endif
+  }
+  static COPE_INLINE vec gather(const double* base, ivec index) {
+#ifdef COPE_AVX2
+    return (vec)_mm256_i32gather_pd(base, (__m128i)index, 8);
+#else
+    vec out;
+    for (int64_t l = 0; l < W; ++l) out[l] = base[index[l]];
+    return out;
+#endif
+  }
+  static COPE_INLINE vec exp(vec x) {
+    for (int64_t l = 0; l < W; ++l) x[l] = std::exp(x[l]);
+    return x;
+  }
 };
 
 template <typename scalar_t>
@@ -191,12 +261,15 @@ T* scratch(at::Tensor& holder, int64_t n, at::ScalarType type) {
 // One (batch, head) slice of the inputs, and the block scratch of one thread.
 //
 // Block buffers are key-major, (keys x kBlock): element [j * kBlock + r] is key j of the
-// block's row r (query i0 + r). Rows past the sequence's end are computed as rows without a
-// key (zero query, zero output gradient) and never written out.
+// block's row r (query i0 + r), so that each pass runs over a key's NV vectors of rows. Rows
+// past the sequence's end are computed as rows of a zero query with no output gradient and are
+// never written out.
 template <typename scalar_t, int64_t kD>
 struct Slice {
-  using vec = typename Simd<scalar_t>::vec;
-  static constexpr int64_t W = Simd<scalar_t>::W, NV = kBlock / W;
+  using S = Simd<scalar_t>;
+  using vec = typename S::vec;
+  using ivec = typename S::ivec;
+  static constexpr int64_t W = S::W, NV = kBlock / W;
 
   const int64_t T, D, R, npos;
   const bool causal;
@@ -210,6 +283,9 @@ struct Slice {
   // (keys x kBlock) scores s, onset scores u and sigmoids sig, gates g, positions p.
   scalar_t *qt, *qrows, *zt, *zd, *s, *u, *sig, *g, *p;
   at::Tensor holders[11];
+  // Lane numbers r of each vector of a key, as values (for masks) and as table offsets.
+  vec lane[NV];
+  ivec lane_index[NV];
 
   Slice(int64_t T_, int64_t D_, int64_t R_, int64_t npos_, bool causal_, int64_t gate_)
       : T(T_), D(kD ? kD : D_), R(R_), npos(npos_), causal(causal_), gate(gate_),
@@ -227,6 +303,11 @@ struct Slice {
     sig = scratch<scalar_t>(holders[8], gate == kOnset ? keys : 0, type);
     g = scratch<scalar_t>(holders[9], keys, type);
     p = scratch<scalar_t>(holders[10], keys, type);
+    for (int64_t x = 0; x < NV; ++x)
+      for (int64_t l = 0; l < W; ++l) {
+        lane[x][l] = scalar_t(x * W + l);
+        lane_index[x][l] = int32_t(x * W + l);
+      }
   }
 
   void load_slice(const scalar_t* q_, const scalar_t* k_, const scalar_t* v_,
@@ -240,6 +321,13 @@ struct Slice {
 
   // Keys a block of rows sees: all, or (causal) up to its last row.
   int64_t keys_of(int64_t i0) const { return causal ? std::min(i0 + kBlock, T) : T; }
+
+  // Vector x of key j's rows: lanes r >= first keep yes, the others take no.
+  COPE_INLINE vec from_lane(int64_t x, int64_t first, vec yes, vec no) const {
+    return lane[x] >= scalar_t(first) ? yes : no;
+  }
+
+  static COPE_INLINE vec sigmoid_vec(vec x) { return 1 / (1 + S::exp(-x)); }
 
   // Scores, gates, positions and table logits of the block of rows [i0, i0 + kBlock) over keys
   // [0, n): everything the logits need (see eq5).
@@ -255,44 +343,41 @@ struct Slice {
     if (gate == kOnset) gemm_lanes<scalar_t>(n, D, gk, D, 1, qt, scale, false, u);
     // Eq. 4: z_i[n] = q_i . e[n], and the differences that Eq. 5 interpolates along.
     gemm_lanes<scalar_t>(R, D, e, D, 1, qt, scalar_t(1), false, zt);
-    for (int64_t n_ = 0; n_ + 1 < R; ++n_)
-      for (int64_t r = 0; r < kBlock; ++r)
-        zd[n_ * kBlock + r] = zt[(n_ + 1) * kBlock + r] - zt[n_ * kBlock + r];
-    for (int64_t r = 0; r < kBlock; ++r) zd[(R - 1) * kBlock + r] = 0;
+    for (int64_t row = 0; row + 1 < R; ++row)
+      for (int64_t x = 0; x < NV; ++x)
+        store(zd + row * kBlock + x * W,
+              load(zt + (row + 1) * kBlock + x * W) - load(zt + row * kBlock + x * W));
+    for (int64_t x = 0; x < NV; ++x) store(zd + (R - 1) * kBlock + x * W, vec{});
     gates(n);
     positions(i0, n);
   }
 
-  // Gates of keys [0, n), 0 on padded keys (and, when causal, not yet masked past the row).
+  // Gates of keys [0, n), 0 on padded keys (when causal, not masked past the row: the
+  // positions behind a row never reach them).
   void gates(int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t kv = key_valid[j];
-      scalar_t* gj = g + j * kBlock;
-      if (gate == kQK) {
-        const scalar_t* sj = s + j * kBlock;
-        for (int64_t r = 0; r < kBlock; ++r) gj[r] = kv * sigmoid(sj[r]);
-      } else if (gate == kToken) {
-        const scalar_t tg = kv * token_gate[j];
-        for (int64_t r = 0; r < kBlock; ++r) gj[r] = tg;
-      } else {  // onset: |2 sigmoid(u) - 1|
-        const scalar_t* uj = u + j * kBlock;
-        scalar_t* sg = sig + j * kBlock;
-        for (int64_t r = 0; r < kBlock; ++r) {
-          sg[r] = sigmoid(uj[r]);
-          gj[r] = kv * std::abs(2 * sg[r] - 1);
+      const int64_t at = j * kBlock;
+#pragma GCC unroll 8
+      for (int64_t x = 0; x < NV; ++x) {
+        vec gate_value;
+        if (gate == kQK) {
+          gate_value = kv * sigmoid_vec(load(s + at + x * W));
+        } else if (gate == kToken) {
+          gate_value = vec{} + kv * token_gate[j];
+        } else {  // onset: |2 sigmoid(u) - 1|
+          const vec sg = sigmoid_vec(load(u + at + x * W));
+          store(sig + at + x * W, sg);
+          const vec t = 2 * sg - 1;
+          gate_value = kv * (t < 0 ? -t : t);
         }
+        store(g + at + x * W, gate_value);
       }
     }
   }
 
-  // Lane r of key j is behind its row (j <= i0 + r) where r >= j - i0.
-  static COPE_INLINE vec lane_mask(int64_t v, int64_t first_behind, vec yes, vec no) {
-    vec out;
-    for (int64_t l = 0; l < W; ++l) out[l] = v * W + l >= first_behind ? yes[l] : no[l];
-    return out;
-  }
-
-  // Signed positions (Eq. 3), by running sums vectorised across the block's rows.
+  // Signed positions (Eq. 3), by running sums vectorised across the block's rows. Lane r of
+  // key j is behind its row (j <= i0 + r) where r >= j - i0.
   void positions(int64_t i0, int64_t n) {
     const int64_t diag_end = std::min(i0 + kBlock, n);  // keys [i0, diag_end): mixed lanes
     const vec zero = {};
@@ -302,11 +387,11 @@ struct Slice {
       for (int64_t j = i0 + 1; j < n; ++j) {
         const bool mixed = j < diag_end;
 #pragma GCC unroll 8
-        for (int64_t v = 0; v < NV; ++v) {
-          vec gj = load(g + j * kBlock + v * W);
-          if (mixed) gj = lane_mask(v, j - i0, zero, gj);
-          run[v] += gj;
-          store(p + j * kBlock + v * W, -run[v]);
+        for (int64_t x = 0; x < NV; ++x) {
+          vec gj = load(g + j * kBlock + x * W);
+          if (mixed) gj = from_lane(x, j - i0, zero, gj);
+          run[x] += gj;
+          store(p + j * kBlock + x * W, -run[x]);
         }
       }
     }
@@ -316,55 +401,52 @@ struct Slice {
     for (int64_t j = diag_end - 1; j >= 0; --j) {
       const bool mixed = j >= i0;
 #pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) {
-        vec gj = load(g + j * kBlock + v * W);
+      for (int64_t x = 0; x < NV; ++x) {
+        const vec gj = load(g + j * kBlock + x * W);
         if (mixed) {
-          const vec ahead = causal ? zero : load(p + j * kBlock + v * W);
-          gj = lane_mask(v, j - i0, gj, zero);
-          run[v] += gj;
-          store(p + j * kBlock + v * W, lane_mask(v, j - i0, run[v], ahead));
+          const vec ahead = causal ? zero : load(p + j * kBlock + x * W);
+          run[x] += from_lane(x, j - i0, gj, zero);
+          store(p + j * kBlock + x * W, from_lane(x, j - i0, run[x], ahead));
         } else {
-          run[v] += gj;
-          store(p + j * kBlock + v * W, run[v]);
+          run[x] += gj;
+          store(p + j * kBlock + x * W, run[x]);
         }
       }
     }
   }
-};
 
-// Eq. 5 for one key of the block (lanes r): clamp, floor, weight w and row lo of the table, and
-// the logit s + c with c = z[lo] + w (z[lo+1] - z[lo]), which equals the reference's
-// z[ceil] w + z[floor] (1 - w) up to rounding (w = 0 whenever ceil = floor); -inf where the key
-// is padded or (causal) past the row.
-template <typename scalar_t, int64_t kD>
-COPE_INLINE void eq5(const Slice<scalar_t, kD>& sl, int64_t i0, int64_t j, scalar_t* logit,
-                     scalar_t* w, int32_t* lo) {
-  const scalar_t cap = scalar_t(sl.npos - 1);
-  const scalar_t low = sl.causal ? scalar_t(0) : -cap;
-  const int32_t offset = sl.causal ? 0 : int32_t(sl.npos - 1);
-  const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
-  const scalar_t* pj = sl.p + j * kBlock;
-  const scalar_t* sj = sl.s + j * kBlock;
-  const int64_t first = sl.causal ? j - i0 : 0;  // lanes r >= first see key j
-  const bool valid = sl.key_valid[j] != 0;
-  for (int64_t r = 0; r < kBlock; ++r) {
-    const scalar_t pos = std::min(std::max(pj[r], low), cap);
-    const scalar_t fl = std::floor(pos);
-    const scalar_t wt = pos - fl;
-    const int32_t l = int32_t(fl) + offset;
-    const int64_t at = int64_t(l) * kBlock + r;
-    const scalar_t x = sj[r] + (sl.zt[at] + wt * sl.zd[at]);
-    w[r] = wt;
-    lo[r] = l;
-    logit[r] = valid && r >= first ? x : minus_inf;
+  // Eq. 5 for vector x of key j: clamp, floor, weight w and the table offset at (row lo of the
+  // table, times kBlock, plus the lane), the difference zdiff = z[lo+1] - z[lo], and the logit
+  // s + c with c = z[lo] + w zdiff, which equals the reference's z[ceil] w + z[floor] (1 - w)
+  // up to rounding (w = 0 whenever ceil = floor); -inf where the key is padded or (causal)
+  // past the row.
+  COPE_INLINE vec eq5(int64_t i0, int64_t j, int64_t x, vec& w, ivec& at, vec& zdiff) const {
+    const scalar_t cap = scalar_t(npos - 1);
+    const vec high = vec{} + cap, low = vec{} + (causal ? scalar_t(0) : -cap);
+    const int32_t offset = causal ? 0 : int32_t(npos - 1);
+    const vec pj = load(p + j * kBlock + x * W);
+    vec pos = pj < low ? low : pj;
+    pos = pos > high ? high : pos;
+    const vec fl = S::floor(pos);
+    w = pos - fl;
+    at = (__builtin_convertvector(fl, ivec) + offset) * int32_t(kBlock) + lane_index[x];
+    zdiff = S::gather(zd, at);
+    const vec logit = load(s + j * kBlock + x * W) + (S::gather(zt, at) + w * zdiff);
+    const vec minus_inf = vec{} - std::numeric_limits<scalar_t>::infinity();
+    if (key_valid[j] == 0) return minus_inf;
+    return causal && j > i0 ? from_lane(x, j - i0, logit, minus_inf) : logit;
   }
-}
+};
 
 template <typename scalar_t, int64_t kD>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& table, const at::Tensor& gk, const at::Tensor& gl,
                     const at::Tensor& valid, int64_t gate, bool causal, int64_t npos,
                     at::Tensor& out, at::Tensor& lse) {
+  using Sl = Slice<scalar_t, kD>;
+  using vec = typename Sl::vec;
+  using ivec = typename Sl::ivec;
+  constexpr int64_t W = Sl::W, NV = Sl::NV;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t R = table.size(-2), table_step = table.dim() == 3 ? R * D : 0;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -376,49 +458,53 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const uint8_t* vap = valid.defined() ? valid.data_ptr<uint8_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* lp = lse.data_ptr<scalar_t>();
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Slice<scalar_t, kD> sl(T, D, R, npos, causal, gate);
+    Sl sl(T, D, R, npos, causal, gate);
+    const int64_t Dh = sl.D;
     const auto type = c10::CppTypeToScalarType<scalar_t>::value;
-    at::Tensor holders[4];
-    scalar_t* logit = scratch<scalar_t>(holders[0], T * kBlock, type);
-    scalar_t* w = scratch<scalar_t>(holders[1], kBlock, type);
-    int32_t* lo = scratch<int32_t>(holders[2], kBlock, at::kInt);
-    scalar_t* ot = scratch<scalar_t>(holders[3], D * kBlock, type);
+    at::Tensor holders[2];
+    scalar_t* prob = scratch<scalar_t>(holders[0], T * kBlock, type);  // logits, then exp
+    scalar_t* ot = scratch<scalar_t>(holders[1], Dh * kBlock, type);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      sl.load_slice(qp + bh * T * D, kp + bh * T * D, vp + bh * T * D,
-                    gkp ? gkp + bh * T * D : nullptr, ep + h * table_step,
-                    glp ? glp + bh * T : nullptr, vap ? vap + b * T : nullptr);
+      const scalar_t* vh = vp + bh * T * Dh;
+      sl.load_slice(qp + bh * T * Dh, kp + bh * T * Dh, vh, gkp ? gkp + bh * T * Dh : nullptr,
+                    ep + h * table_step, glp ? glp + bh * T : nullptr,
+                    vap ? vap + b * T : nullptr);
       for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
         const int64_t n = sl.keys_of(i0), rows = std::min(kBlock, T - i0);
         sl.prepare(i0, n);
-        scalar_t m[kBlock], sum[kBlock];
-        std::fill(m, m + kBlock, -std::numeric_limits<scalar_t>::infinity());
+        vec m[NV], sum[NV];
+        for (int64_t x = 0; x < NV; ++x) m[x] = vec{} - inf, sum[x] = vec{};
         for (int64_t j = 0; j < n; ++j) {
-          scalar_t* lj = logit + j * kBlock;
-          eq5(sl, i0, j, lj, w, lo);
-          for (int64_t r = 0; r < kBlock; ++r) m[r] = std::max(m[r], lj[r]);
+#pragma GCC unroll 8
+          for (int64_t x = 0; x < NV; ++x) {
+            vec w, zdiff;
+            ivec at;
+            const vec logit = sl.eq5(i0, j, x, w, at, zdiff);
+            store(prob + j * kBlock + x * W, logit);
+            m[x] = logit > m[x] ? logit : m[x];
+          }
         }
         // A row without a key (fully padded) has every logit -inf: output 0, lse -inf.
-        for (int64_t r = 0; r < kBlock; ++r) {
-          if (m[r] == -std::numeric_limits<scalar_t>::infinity()) m[r] = 0;
-          sum[r] = 0;
-        }
+        for (int64_t x = 0; x < NV; ++x) m[x] = m[x] == -inf ? vec{} : m[x];
         for (int64_t j = 0; j < n; ++j) {
-          scalar_t* lj = logit + j * kBlock;
-          for (int64_t r = 0; r < kBlock; ++r) {
-            lj[r] = fast_exp(lj[r] - m[r]);
-            sum[r] += lj[r];
+#pragma GCC unroll 8
+          for (int64_t x = 0; x < NV; ++x) {
+            const vec e = Sl::S::exp(load(prob + j * kBlock + x * W) - m[x]);
+            store(prob + j * kBlock + x * W, e);
+            sum[x] += e;
           }
         }
         // O^T (D x rows) = V^T E, normalised per row.
-        gemm_lanes<scalar_t>(sl.D, n, vp + bh * T * D, 1, sl.D, logit, scalar_t(1), false, ot);
+        gemm_lanes<scalar_t>(Dh, n, vh, 1, Dh, prob, scalar_t(1), false, ot);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          const scalar_t inv = sum[r] > 0 ? 1 / sum[r] : scalar_t(0);
-          for (int64_t d = 0; d < sl.D; ++d) op[(bh * T + i) * sl.D + d] = ot[d * kBlock + r] * inv;
-          lp[bh * T + i] = sum[r] > 0 ? m[r] + std::log(sum[r])
-                                      : -std::numeric_limits<scalar_t>::infinity();
+          const scalar_t total = sum[r / W][r % W], top = m[r / W][r % W];
+          const scalar_t inv = total > 0 ? 1 / total : scalar_t(0);
+          for (int64_t d = 0; d < Dh; ++d) op[(bh * T + i) * Dh + d] = ot[d * kBlock + r] * inv;
+          lp[bh * T + i] = total > 0 ? top + std::log(total) : -inf;
         }
       }
     }
@@ -441,14 +527,14 @@ void gate_gradients(Slice<scalar_t, kD>& sl, int64_t i0, int64_t n) {
     for (int64_t j = n - 1; j > i0; --j) {
       const bool mixed = j < diag_end;
 #pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) {
-        const vec dp = load(p + j * kBlock + v * W);
+      for (int64_t x = 0; x < NV; ++x) {
+        const vec dp = load(p + j * kBlock + x * W);
         if (mixed) {
-          run[v] += Slice<scalar_t, kD>::lane_mask(v, j - i0, zero, dp);
-          store(p + j * kBlock + v * W, Slice<scalar_t, kD>::lane_mask(v, j - i0, dp, -run[v]));
+          run[x] += sl.from_lane(x, j - i0, zero, dp);
+          store(p + j * kBlock + x * W, sl.from_lane(x, j - i0, dp, -run[x]));
         } else {
-          run[v] += dp;
-          store(p + j * kBlock + v * W, -run[v]);
+          run[x] += dp;
+          store(p + j * kBlock + x * W, -run[x]);
         }
       }
     }
@@ -459,15 +545,14 @@ void gate_gradients(Slice<scalar_t, kD>& sl, int64_t i0, int64_t n) {
   for (int64_t j = 0; j < diag_end; ++j) {
     const bool mixed = j >= i0;
 #pragma GCC unroll 8
-    for (int64_t v = 0; v < NV; ++v) {
-      const vec dp = load(p + j * kBlock + v * W);
+    for (int64_t x = 0; x < NV; ++x) {
+      const vec dp = load(p + j * kBlock + x * W);
       if (mixed) {
-        run[v] += Slice<scalar_t, kD>::lane_mask(v, j - i0, dp, zero);
-        const vec ahead = sl.causal ? zero : dp;
-        store(p + j * kBlock + v * W, Slice<scalar_t, kD>::lane_mask(v, j - i0, run[v], ahead));
+        run[x] += sl.from_lane(x, j - i0, dp, zero);
+        store(p + j * kBlock + x * W, sl.from_lane(x, j - i0, run[x], sl.causal ? zero : dp));
       } else {
-        run[v] += dp;
-        store(p + j * kBlock + v * W, run[v]);
+        run[x] += dp;
+        store(p + j * kBlock + x * W, run[x]);
       }
     }
   }
@@ -480,6 +565,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& lse, int64_t gate, bool causal, int64_t npos,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dtable_parts,
                      at::Tensor& dgk, at::Tensor& dgl) {
+  using Sl = Slice<scalar_t, kD>;
+  using vec = typename Sl::vec;
+  using ivec = typename Sl::ivec;
+  constexpr int64_t W = Sl::W, NV = Sl::NV;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t R = table.size(-2), per_head = table.dim() == 3;
   const int64_t table_step = per_head ? R * D : 0;
@@ -500,8 +589,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   scalar_t* dgkp = gate == kOnset ? dgk.data_ptr<scalar_t>() : nullptr;
   scalar_t* dglp = gate == kToken ? dgl.data_ptr<scalar_t>() : nullptr;
   const int64_t parts = dtable_parts.size(0);
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Slice<scalar_t, kD> sl(T, D, R, npos, causal, gate);
+    Sl sl(T, D, R, npos, causal, gate);
     const int64_t Dh = sl.D;
     const auto type = c10::CppTypeToScalarType<scalar_t>::value;
     at::Tensor holders[8];
@@ -509,7 +599,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     scalar_t* a = scratch<scalar_t>(holders[0], keys, type);    // probabilities
     scalar_t* dl = scratch<scalar_t>(holders[1], keys, type);   // dL/da, then dL/dlogit, dL/ds
     scalar_t* w = scratch<scalar_t>(holders[2], keys, type);
-    int32_t* lo = scratch<int32_t>(holders[3], keys, at::kInt);
+    int32_t* lo = scratch<int32_t>(holders[3], keys, at::kInt);  // table offsets (eq5's at)
     scalar_t* dzt = scratch<scalar_t>(holders[4], (R + 1) * kBlock, type);  // dL/dz, R x rows
     scalar_t* dot = scratch<scalar_t>(holders[5], Dh * kBlock, type);  // dO^T of the block
     scalar_t* dorows = scratch<scalar_t>(holders[6], Dh * kBlock, type);
@@ -538,73 +628,71 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         sl.prepare(i0, n);
         // dO of the block (rows past the end: 0), Delta_i = dO_i . O_i, and lse (+inf for a
         // row without a key, so that its probabilities exp(logit - lse) are 0).
-        scalar_t delta[kBlock], lse_r[kBlock];
+        vec delta[NV], lse_r[NV];
         for (int64_t r = 0; r < kBlock; ++r) {
           const int64_t i = i0 + r;
-          delta[r] = 0;
-          lse_r[r] = std::numeric_limits<scalar_t>::infinity();
+          scalar_t dot_product = 0;
           for (int64_t d = 0; d < Dh; ++d) {
             const scalar_t x = r < rows ? gop[(bh * T + i) * Dh + d] : scalar_t(0);
             dot[d * kBlock + r] = x;
             dorows[r * Dh + d] = x;
-            if (r < rows) delta[r] += x * op[(bh * T + i) * Dh + d];
+            if (r < rows) dot_product += x * op[(bh * T + i) * Dh + d];
           }
-          if (r < rows && lp[bh * T + i] != -std::numeric_limits<scalar_t>::infinity())
-            lse_r[r] = lp[bh * T + i];
+          delta[r / W][r % W] = dot_product;
+          lse_r[r / W][r % W] = r < rows && lp[bh * T + i] != -inf ? lp[bh * T + i] : inf;
         }
         // dL/da_ij = dO_i . v_j.
         gemm_lanes<scalar_t>(n, Dh, vh, Dh, 1, dot, scalar_t(1), false, dl);
+        // Probabilities, dL/dlogit and dL/dp (positions are no longer needed: dp goes to p).
         for (int64_t j = 0; j < n; ++j) {
-          scalar_t* lj = a + j * kBlock;
-          scalar_t* wj = w + j * kBlock;
-          int32_t* loj = lo + j * kBlock;
-          eq5(sl, i0, j, lj, wj, loj);
-          scalar_t* dlj = dl + j * kBlock;
-          scalar_t* dpj = sl.p + j * kBlock;  // positions are no longer needed: dL/dp
-          for (int64_t r = 0; r < kBlock; ++r) {
-            const scalar_t aj = fast_exp(lj[r] - lse_r[r]);  // 0 on masked keys
-            lj[r] = aj;
-            const scalar_t dlogit = aj * (dlj[r] - delta[r]);
-            dlj[r] = dlogit;
+#pragma GCC unroll 8
+          for (int64_t x = 0; x < NV; ++x) {
+            const int64_t at = j * kBlock + x * W;
+            vec wt, zdiff;
+            ivec index;
+            const vec logit = sl.eq5(i0, j, x, wt, index, zdiff);
+            const vec prob = Sl::S::exp(logit - lse_r[x]);  // 0 on masked keys
+            const vec dlogit = prob * (load(dl + at) - delta[x]);
+            store(a + at, prob);
+            store(dl + at, dlogit);
+            store(w + at, wt);
+            std::memcpy(lo + at, &index, sizeof(index));
             // dc/dp = z[ceil] - z[floor]: 0 at integer (incl. clamped) positions, as in the
             // reference.
-            dpj[r] = wj[r] > 0 ? dlogit * sl.zd[int64_t(loj[r]) * kBlock + r] : scalar_t(0);
+            store(sl.p + at, wt > 0 ? dlogit * zdiff : vec{});
           }
         }
         // dL/dz: dl (1 - w) to row lo, dl w to row lo + 1 (a spare row R takes w = 0's).
         std::fill(dzt, dzt + (R + 1) * kBlock, scalar_t(0));
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* dlj = dl + j * kBlock;
-          const scalar_t* wj = w + j * kBlock;
-          const int32_t* loj = lo + j * kBlock;
-          for (int64_t r = 0; r < kBlock; ++r) {
-            const int64_t at = int64_t(loj[r]) * kBlock + r;
-            dzt[at] += dlj[r] * (1 - wj[r]);
-            dzt[at + kBlock] += dlj[r] * wj[r];
-          }
+        for (int64_t at = 0; at < n * kBlock; ++at) {
+          dzt[lo[at]] += dl[at] * (1 - w[at]);
+          dzt[lo[at] + kBlock] += dl[at] * w[at];
         }
         gate_gradients(sl, i0, n);
         // dL/dlogit -> dL/ds (qk: ds = dl + dg g (1 - g)); token and onset gradients.
         const scalar_t* dg = sl.p;
         for (int64_t j = 0; j < n; ++j) {
-          scalar_t* dlj = dl + j * kBlock;
-          const scalar_t* dgj = dg + j * kBlock;
-          if (gate == kQK) {
-            const scalar_t* gj = sl.g + j * kBlock;
-            for (int64_t r = 0; r < kBlock; ++r) dlj[r] += dgj[r] * gj[r] * (1 - gj[r]);
-          } else if (gate == kToken) {
-            scalar_t total = 0;
-            for (int64_t r = 0; r < kBlock; ++r) total += dgj[r];
+          const scalar_t kv = sl.key_valid[j];
+          if (gate == kToken) {
+            vec total = {};
+            for (int64_t x = 0; x < NV; ++x) total += load(dg + j * kBlock + x * W);
+            scalar_t sum = 0;
+            for (int64_t l = 0; l < W; ++l) sum += total[l];
             const scalar_t tg = sl.token_gate[j];
-            dgl_h[j] += sl.key_valid[j] * total * tg * (1 - tg);
-          } else {  // onset: du = dg sign(2 sig - 1) 2 sig (1 - sig), kept in g
-            const scalar_t* sg = sl.sig + j * kBlock;
-            scalar_t* du = sl.g + j * kBlock;
-            const scalar_t kv = sl.key_valid[j];
-            for (int64_t r = 0; r < kBlock; ++r) {
-              const scalar_t t = 2 * sg[r] - 1;
-              const scalar_t sign = scalar_t((t > 0) - (t < 0));
-              du[r] = kv * dgj[r] * sign * 2 * sg[r] * (1 - sg[r]);
+            dgl_h[j] += kv * sum * tg * (1 - tg);
+            continue;
+          }
+#pragma GCC unroll 8
+          for (int64_t x = 0; x < NV; ++x) {
+            const int64_t at = j * kBlock + x * W;
+            const vec dgj = load(dg + at);
+            if (gate == kQK) {
+              const vec gj = load(sl.g + at);
+              store(dl + at, load(dl + at) + dgj * gj * (1 - gj));
+            } else {  // onset: du = dg sign(2 sig - 1) 2 sig (1 - sig), kept in g
+              const vec sg = load(sl.sig + at), t = 2 * sg - 1, zero = {};
+              const vec sign = t > zero ? zero + 1 : (t < zero ? zero - 1 : zero);
+              store(sl.g + at, kv * dgj * sign * 2 * sg * (1 - sg));
             }
           }
         }

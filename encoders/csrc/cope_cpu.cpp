@@ -282,6 +282,9 @@ struct Slice {
   // logits zt[n][r] = z_r[n] and their differences zd[n] = z[n+1] - z[n] (R x kBlock); and
   // (keys x kBlock) scores s, onset scores u and sigmoids sig, gates g, positions p.
   scalar_t *qt, *qrows, *zt, *zd, *s, *u, *sig, *g, *p;
+  // The table rows [first_row, last_row] that the block's positions reach (zt and zd hold only
+  // those): its positions lie between the longest sum ahead and the longest sum behind.
+  int64_t first_row = 0, last_row = 0;
   at::Tensor holders[11];
   // Lane numbers r of each vector of a key, as values (for masks) and as table offsets.
   vec lane[NV];
@@ -341,15 +344,25 @@ struct Slice {
       }
     gemm_lanes<scalar_t>(n, D, k, D, 1, qt, scale, false, s);  // s_ij = q_i . k_j / sqrt(d)
     if (gate == kOnset) gemm_lanes<scalar_t>(n, D, gk, D, 1, qt, scale, false, u);
-    // Eq. 4: z_i[n] = q_i . e[n], and the differences that Eq. 5 interpolates along.
-    gemm_lanes<scalar_t>(R, D, e, D, 1, qt, scalar_t(1), false, zt);
-    for (int64_t row = 0; row + 1 < R; ++row)
+    gates(n);
+    positions(i0, n);
+    // Eq. 4: z_i[n] = q_i . e[n] on the rows the positions reach, and the differences that
+    // Eq. 5 interpolates along (zd[last_row] is only read when it is the table's last, 0).
+    const int64_t rows_used = last_row - first_row + 1;
+    gemm_lanes<scalar_t>(rows_used, D, e + first_row * D, D, 1, qt, scalar_t(1), false,
+                         zt + first_row * kBlock);
+    for (int64_t row = first_row; row < last_row; ++row)
       for (int64_t x = 0; x < NV; ++x)
         store(zd + row * kBlock + x * W,
               load(zt + (row + 1) * kBlock + x * W) - load(zt + row * kBlock + x * W));
-    for (int64_t x = 0; x < NV; ++x) store(zd + (R - 1) * kBlock + x * W, vec{});
-    gates(n);
-    positions(i0, n);
+    for (int64_t x = 0; x < NV; ++x) store(zd + last_row * kBlock + x * W, vec{});
+  }
+
+  // Table row of a position (Eq. 5's floor of the clamped position).
+  int64_t table_row(scalar_t position) const {
+    const scalar_t cap = scalar_t(npos - 1);
+    const scalar_t clamped = std::min(std::max(position, causal ? scalar_t(0) : -cap), cap);
+    return int64_t(std::floor(clamped)) + (causal ? 0 : npos - 1);
   }
 
   // Gates of keys [0, n), 0 on padded keys (when causal, not masked past the row: the
@@ -381,6 +394,7 @@ struct Slice {
   void positions(int64_t i0, int64_t n) {
     const int64_t diag_end = std::min(i0 + kBlock, n);  // keys [i0, diag_end): mixed lanes
     const vec zero = {};
+    scalar_t longest_ahead = 0, longest_behind = 0;
     if (!causal) {
       // Ahead: p_ij = -sum_{k=i+1..j} g_ik, upwards from the query; lanes still behind add 0.
       vec run[NV] = {};
@@ -394,6 +408,8 @@ struct Slice {
           store(p + j * kBlock + x * W, -run[x]);
         }
       }
+      for (int64_t x = 0; x < NV; ++x)
+        for (int64_t l = 0; l < W; ++l) longest_ahead = std::max(longest_ahead, run[x][l]);
     }
     // Behind: p_ij = sum_{k=j..i} g_ik, downwards from the query; lanes ahead add nothing and
     // keep their ahead position (0 when causal).
@@ -413,6 +429,10 @@ struct Slice {
         }
       }
     }
+    for (int64_t x = 0; x < NV; ++x)
+      for (int64_t l = 0; l < W; ++l) longest_behind = std::max(longest_behind, run[x][l]);
+    first_row = table_row(-longest_ahead);
+    last_row = std::min(table_row(longest_behind) + 1, R - 1);
   }
 
   // Eq. 5 for vector x of key j: clamp, floor, weight w and the table offset at (row lo of the
@@ -663,7 +683,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           }
         }
         // dL/dz: dl (1 - w) to row lo, dl w to row lo + 1 (a spare row R takes w = 0's).
-        std::fill(dzt, dzt + (R + 1) * kBlock, scalar_t(0));
+        const int64_t first_row = sl.first_row, rows_used = sl.last_row - first_row + 1;
+        std::fill(dzt + first_row * kBlock, dzt + (sl.last_row + 2) * kBlock, scalar_t(0));
         for (int64_t at = 0; at < n * kBlock; ++at) {
           dzt[lo[at]] += dl[at] * (1 - w[at]);
           dzt[lo[at] + kBlock] += dl[at] * w[at];
@@ -699,14 +720,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         // dQ^T = (K^T ds + GK^T du) / sqrt(d) + E^T dz, for the block's rows.
         gemm_lanes<scalar_t>(Dh, n, kh, 1, Dh, dl, sl.scale, false, dqt);
         if (gate == kOnset) gemm_lanes<scalar_t>(Dh, n, gkh, 1, Dh, sl.g, sl.scale, true, dqt);
-        gemm_lanes<scalar_t>(Dh, R, eh, 1, Dh, dzt, scalar_t(1), true, dqt);
+        gemm_lanes<scalar_t>(Dh, rows_used, eh + first_row * Dh, 1, Dh, dzt + first_row * kBlock,
+                             scalar_t(1), true, dqt);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < Dh; ++d) dqp[(bh * T + i0 + r) * Dh + d] = dqt[d * kBlock + r];
         // Key side: dK += ds^T Q (scaled below), dV += A^T dO, dGK += du^T Q, dE += dz^T Q.
         gemm_rows<scalar_t, kD>(n, dl, sl.qrows, Dh, dkh);
         gemm_rows<scalar_t, kD>(n, a, dorows, Dh, dvh);
         if (gate == kOnset) gemm_rows<scalar_t, kD>(n, sl.g, sl.qrows, Dh, dgkh);
-        gemm_rows<scalar_t, kD>(R, dzt, sl.qrows, Dh, deh);
+        gemm_rows<scalar_t, kD>(rows_used, dzt + first_row * kBlock, sl.qrows, Dh,
+                                deh + first_row * Dh);
       }
       for (int64_t x = 0; x < T * Dh; ++x) dkh[x] *= sl.scale;
       if (dgkh)

@@ -1,12 +1,14 @@
 """CoPE attention as a fused C++ CPU kernel (``impl="fused"``), forward and backward.
 
-The kernel (``encoders/csrc/cope_cpu.cpp``) walks each query row once: scores, gates, positions
-from one running sum outwards from the query, the interpolated table logits and the softmax stay
-in T-long buffers, and no (T, T) tensor is stored; the backward recomputes each row from the
-output and the log-sum-exp. It is registered as the ``torch.ops.cope`` custom ops with the
-autograd formula below; the position logits z = q e^T (and the onset gate's differenced keys)
-are ordinary torch ops in front of it, so autograd carries their gradients to q, k and the table.
-It handles every gate variant, causal and bidirectional attention and key padding.
+The kernel (``encoders/csrc/cope_cpu.cpp``) takes the query rows of one (batch, head) 32 at a
+time: scores, the table logits z = q e^T, the output and every gradient are small matrix products,
+and gates, positions (running sums from the query outwards), the interpolated table logits and
+the softmax are vector passes across the block's rows; no (T, T) tensor is stored, and the
+backward recomputes each block from the output and the log-sum-exp. It is registered as the
+``torch.ops.cope`` custom ops with the autograd formula below; the op takes the position table
+itself and returns its gradient (only the onset gate's differenced keys are an ordinary torch op
+in front of it). It handles every gate variant, causal and bidirectional attention and key
+padding.
 
 The kernel is compiled ahead of time by the install step (``make install``, or
 ``python -m encoders.cope_cpu``) into ``encoders/csrc/build/``; the library name carries a hash of

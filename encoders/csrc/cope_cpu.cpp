@@ -94,7 +94,8 @@ struct Simd<float> {
   }
   static COPE_INLINE vec gather(const float* base, ivec index) {
 #ifdef COPE_AVX2
-    return (vec)_mm256_i32gather_ps(base, (__m256i)index, 4);
+    const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    return (vec)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, (__m256i)index, all, 4);
 #else
     vec out;
     for (int64_t l = 0; l < W; ++l) out[l] = base[index[l]];
@@ -138,7 +139,8 @@ struct Simd<double> {
   }
   static COPE_INLINE vec gather(const double* base, ivec index) {
 #ifdef COPE_AVX2
-    return (vec)_mm256_i32gather_pd(base, (__m128i)index, 8);
+    const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+    return (vec)_mm256_mask_i32gather_pd(_mm256_setzero_pd(), base, (__m128i)index, all, 8);
 #else
     vec out;
     for (int64_t l = 0; l < W; ++l) out[l] = base[index[l]];
@@ -169,7 +171,7 @@ template <typename scalar_t>
 void gemm_lanes(int64_t M, int64_t K, const scalar_t* A, int64_t a_row, int64_t a_col,
                 const scalar_t* Bt, scalar_t alpha, bool accumulate, scalar_t* C) {
   using vec = typename Simd<scalar_t>::vec;
-  constexpr int64_t W = Simd<scalar_t>::W, NV = kBlock / W, MB = NV <= 4 ? 2 : 1;
+  constexpr int64_t W = Simd<scalar_t>::W, NV = kBlock / W, MB = NV <= 4 ? 3 : 1;
   int64_t m = 0;
   auto finish = [&](int64_t row, const vec* acc) {
     scalar_t* c = C + row * kBlock;

@@ -120,6 +120,18 @@ def test_fused_blocks_whose_rows_have_no_key_match_the_reference(gate, causal):
 
 
 @needs_kernel
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fused_sums_the_table_gradients_of_every_thread(per_head):
+    # Each thread accumulates its (batch, head) slices' table gradient; the op adds them up.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference("qk", causal=False, per_head=per_head, batch=3, length=40)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("causal", [True, False])
 def test_fused_per_head_tables_with_a_compiled_head_dim(causal):
     assert_matches_reference("qk", causal=causal, per_head=True, length=45, dim=32, npos=12)

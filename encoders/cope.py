@@ -8,8 +8,9 @@ Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719); the math
 - ``"blockwise"``: memory-linear, FlashAttention-style walk over key blocks
   (:mod:`encoders.cope_blockwise`).
 - ``"triton"``: the blockwise algorithm as a fused GPU kernel (:mod:`encoders.cope_triton`).
-- ``"fused"``: one C++ CPU kernel per query row, forward and backward, built by the install
-  step (:mod:`encoders.cope_cpu`); the fastest CPU path at the lengths our models use.
+- ``"fused"``: one C++ CPU kernel, forward and backward, on blocks of 32 query rows, built by
+  the install step (:mod:`encoders.cope_cpu`); the fastest CPU path at the lengths our models
+  use.
 - ``"auto"``: the cheapest available path by a committed calibration table of measured costs
   (:func:`select_impl`).
 

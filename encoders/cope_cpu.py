@@ -1,13 +1,14 @@
 """CoPE attention as a fused C++ CPU kernel (``impl="fused"``), forward and backward.
 
-The kernel (``encoders/csrc/cope_cpu.cpp``) walks each query row once: scores, gates, positions
-from one running sum outwards from the query, the interpolated table logits and the softmax stay
-in T-long buffers, and no (T, T) tensor is stored; the backward recomputes each row from the
-output and the log-sum-exp. It is registered as the ``torch.ops.cope`` custom ops with the
-autograd formula below; the position logits z = q e^T (and the onset gate's differenced keys)
-are ordinary torch ops in front of it, so autograd carries their gradients to q, k and the table.
-It handles every gate variant (:data:`KERNEL_GATES`), causal and bidirectional attention and key
-padding.
+The kernel (``encoders/csrc/cope_cpu.cpp``) takes the query rows of one (batch, head) 32 at a
+time: scores, the table logits z = q e^T, the output and every gradient are small matrix products,
+and gates, positions (running sums from the query outwards), the interpolated table logits and
+the softmax are vector passes across the block's rows; no (T, T) tensor is stored, and the
+backward recomputes each block from the output and the log-sum-exp. It is registered as the
+``torch.ops.cope`` custom ops with the autograd formula below; the op takes the position table
+itself and returns its gradient (only the onset gate's differenced keys are an ordinary torch op
+in front of it). It handles every gate variant (:data:`KERNEL_GATES`), causal and bidirectional
+attention and key padding.
 
 The kernel is compiled ahead of time by the install step (``make install``, or
 ``python -m encoders.cope_cpu``) into ``encoders/csrc/build/``; the library name carries a hash of
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from encoders.cope_core import compute_dtype, npos_of_table, position_logits
+from encoders.cope_core import compute_dtype, npos_of_table
 
 # The kernel's gate codes (kQK, kOnset, kToken in cope_cpu.cpp). The change gate is a per-key
 # gate like the token gate: only where its logits come from differs, so it runs as kToken.
@@ -88,19 +89,19 @@ def _register_autograd() -> None:
     """Attach the backward kernel to the forward op (once per process)."""
 
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        q, k, v, z, gate_keys, gate_logits, valid, gate, causal, npos = inputs
+        q, k, v, table, gate_keys, gate_logits, valid, gate, causal, npos = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, z, gate_keys, gate_logits, valid, out, lse)
+        ctx.save_for_backward(q, k, v, table, gate_keys, gate_logits, valid, out, lse)
         ctx.options = (gate, causal, npos)
 
     def backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):  # type: ignore[no-untyped-def]
-        q, k, v, z, gate_keys, gate_logits, valid, out, lse = ctx.saved_tensors
-        dq, dk, dv, dz, dgk, dgl = torch.ops.cope.backward(
-            grad_out.contiguous(), q, k, v, z, gate_keys, gate_logits, valid, out, lse,
+        q, k, v, table, gate_keys, gate_logits, valid, out, lse = ctx.saved_tensors
+        dq, dk, dv, dtable, dgk, dgl = torch.ops.cope.backward(
+            grad_out.contiguous(), q, k, v, table, gate_keys, gate_logits, valid, out, lse,
             *ctx.options,
         )  # fmt: skip
         return (
-            dq, dk, dv, dz,
+            dq, dk, dv, dtable,
             dgk if gate_keys is not None else None,
             dgl if gate_logits is not None else None,
             None, None, None, None,
@@ -109,7 +110,7 @@ def _register_autograd() -> None:
     torch.library.register_autograd("cope::forward", backward, setup_context=setup_context)
 
     @torch.library.register_fake("cope::forward")
-    def _(q, k, v, z, gate_keys, gate_logits, valid, gate, causal, npos):  # type: ignore[no-untyped-def]
+    def _(q, k, v, table, gate_keys, gate_logits, valid, gate, causal, npos):  # type: ignore[no-untyped-def]
         return torch.empty_like(q), q.new_empty(q.shape[:-1])
 
 
@@ -141,9 +142,8 @@ def fused_cope_attention(
     valid = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8)
     # Under autocast the matmuls would run in bf16: CoPE keeps gates and positions in float32.
     with torch.autocast(q.device.type, enabled=False):
-        z = position_logits(q, pos_emb, dtype)
         out, _ = torch.ops.cope.forward(
-            q.to(dtype), k.to(dtype), v.to(dtype), z,
+            q.to(dtype), k.to(dtype), v.to(dtype), pos_emb.to(dtype),
             None if gate_keys is None else gate_keys.to(dtype),
             None if gate_logits is None else gate_logits.to(dtype),
             valid, KERNEL_GATES[gate], causal, npos,

@@ -32,6 +32,7 @@ def make_case(
     npos: int = 5,
     score_scale: float = 1.0,
     dtype: torch.dtype = torch.float64,
+    mask: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """Leaves (q, k, v, table[, gate logits]) and the keyword arguments of one CoPE call."""
     generator = torch.Generator().manual_seed(hash((gate, causal, per_head, padded)) % 2**31)
@@ -46,7 +47,6 @@ def make_case(
     leaves = [q, k, randn(*shape), table]
     if gate in PER_KEY:
         leaves.append(randn(batch, heads, length) * 2)
-    mask = None
     if padded:
         mask = torch.zeros(batch, length, dtype=torch.bool)
         mask[0, -5:] = True  # trailing padding
@@ -93,6 +93,49 @@ def test_fused_equals_reference_values_and_all_gradients(gate, causal, per_head,
 @pytest.mark.parametrize(("length", "npos"), [(1, 3), (2, 1), (31, 2), (70, 80)])
 def test_fused_matches_reference_at_odd_lengths_and_caps(causal, length, npos):
     assert_matches_reference("qk", causal=causal, length=length, npos=npos)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("length", "dim"), [(1, 16), (5, 32), (32, 16), (33, 8), (97, 32)])
+def test_fused_blocks_of_rows_across_block_edges_and_compiled_head_dims(gate, causal, length, dim):
+    # The kernel takes query rows 32 at a time: lengths below, at and past a block's edge, causal
+    # blocks straddling the diagonal, and the head dims it compiles in (16, 32) or not (8).
+    assert_matches_reference(gate, causal=causal, length=length, dim=dim, npos=9)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_blocks_whose_rows_have_no_key_match_the_reference(gate, causal):
+    # Sequence 0: the first 40 keys are padding, so (causal) the first block of rows and part of
+    # the second have no key at all. Sequence 1: only its first 3 keys are real. Sequence 2: all
+    # padding, so no row of any block has a key.
+    mask = torch.zeros(3, 75, dtype=torch.bool)
+    mask[0, :40] = True
+    mask[1, 3:] = True
+    mask[2] = True
+    case = {"length": 75, "dim": 16, "npos": 7, "batch": 3}
+    assert_matches_reference(gate, causal=causal, mask=mask, **case)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fused_sums_the_table_gradients_of_every_thread(per_head):
+    # Each thread accumulates its (batch, head) slices' table gradient; the op adds them up.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference("qk", causal=False, per_head=per_head, batch=3, length=40)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_per_head_tables_with_a_compiled_head_dim(causal):
+    assert_matches_reference("qk", causal=causal, per_head=True, length=45, dim=32, npos=12)
 
 
 @needs_kernel

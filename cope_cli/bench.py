@@ -109,22 +109,79 @@ def train_table(document: dict[str, Any]) -> Table:
         f"{setting['steps']} steps after {setting['warmup']} warm-up, on {setting['device']}"
     )
     table = Table(title=title)
-    for column in ("pe", "examples/s", f"x {baseline}", "step ms", "peak MiB", f"x {baseline}"):
+    columns = ("pe", "examples/s", f"x {baseline}", "step ms", "CPU ms/step",
+               f"CPU ms x {baseline}", "peak MiB", f"x {baseline} memory")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "pe" else "right")
     for case in document["cases"]:
         ratios = case.get(f"ratios_to_{baseline}") or {}
         if case["skipped"]:
-            table.add_row(case["name"], case["skipped"], "", "", "", "")
+            table.add_row(case["name"], case["skipped"], *[""] * (len(columns) - 2))
             continue
         table.add_row(
             case["name"],
             _fmt(case["examples_per_s"]),
             _ratio(ratios.get("throughput")),
             _fmt(case["time_ms"]),
+            _fmt((case.get("extra") or {}).get("cpu_ms")),
+            _ratio(ratios.get("cpu_time")),
             _fmt(case["peak_mib"]),
             _ratio(ratios.get("memory")),
         )
     return table
+
+
+def markdown(table: Table, document: dict[str, Any]) -> str:
+    """A saved benchmark as README markdown: its command and provenance, then the table."""
+    environment = document.get("environment") or {}
+    load = environment.get("load_average") or []
+    where = ", ".join(
+        part
+        for part in (
+            f"commit {document['commit']}" if document.get("commit") else "",
+            f"{environment.get('machine')}, {environment.get('cpus')} CPUs" if environment else "",
+            f"torch {environment.get('torch')}" if environment.get("torch") else "",
+            f"load average at the end {load[0]:.1f}" if load else "",
+        )
+        if part
+    )
+    headers = [str(column.header) for column in table.columns]
+    rows = zip(*(list(column.cells) for column in table.columns), strict=True)
+    lines = [f"`{document.get('command', '')}` ({where})", "", f"{table.title}:", ""]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "---|" * len(headers))
+    lines.extend("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
+    return "\n".join(lines) + "\n"
+
+
+@bench_app.command("show")
+def show(
+    files: Annotated[
+        list[Path], typer.Argument(help="JSON documents written by --save.", show_default=False)
+    ],
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", help="Markdown for README.md, with each command.")
+    ] = False,
+) -> None:
+    """Print saved benchmarks again, as tables or as README markdown (nothing is re-measured).
+
+    Example: cope bench show results/bench/train-*.json --markdown
+    """
+    for index, path in enumerate(files):
+        try:
+            document = json.loads(path.read_text())
+            table = (
+                train_table(document)
+                if "baseline" in document and document["setting"].get("recipe")
+                else attention_table(document)
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            message = f"{path} is not a benchmark saved by `cope bench ... --save` ({error})"
+            raise _fail(message) from None
+        if as_markdown:
+            typer.echo(("\n" if index else "") + markdown(table, document), nl=False)
+        else:
+            console.print(table)
 
 
 @bench_app.command("attention")

@@ -149,3 +149,29 @@ def test_calibration_runs_merge_their_lengths_into_their_direction():
     assert len(merged["causal"]["runs"]) == 2
     other = bench.calibration_table(document(False, [first["cases"][2]]), merged)
     assert other["causal"] == merged["causal"] and other["bidirectional"]["lengths"] == [64]
+
+
+def test_bench_show_prints_a_saved_benchmark_as_markdown_with_its_command(tmp_path):
+    saved = tmp_path / "attention.json"
+    runner = CliRunner()
+    measured = runner.invoke(
+        bench_app,
+        ["attention", "--seq", "32", "--impl", "sdpa,blockwise", "--heads", "1", "--dim", "16"]
+        + ["--npos", "4", "--repeats", "1", "--warmup", "0", "--in-process", "--save", str(saved)],
+    )
+    assert measured.exit_code == 0, measured.output
+    document = json.loads(saved.read_text())
+    shown = runner.invoke(bench_app, ["show", str(saved), "--markdown"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith(f"`{document['command']}` (")
+    rows = [line for line in lines if line.startswith("| 32 |")]
+    blockwise = document["cases"][1]
+    assert rows[1] == (
+        f"| 32 | blockwise | {blockwise['time_ms']:,.1f} | "
+        f"{blockwise['ratios_to_sdpa']['time']:.2f}x | {blockwise['peak_mib']:,.1f} | "
+        f"{blockwise['ratios_to_sdpa']['memory']:.2f}x |"
+    )
+    (tmp_path / "other.json").write_text('{"cases": 3}')
+    bad = runner.invoke(bench_app, ["show", str(tmp_path / "other.json")])
+    assert bad.exit_code == 2 and "is not a benchmark saved by" in bad.output

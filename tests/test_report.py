@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import engine_helpers  # noqa: F401  (registers the tiny recipes)
@@ -133,7 +134,11 @@ def test_compare_with_tune_reports_the_choice_per_encoding(tmp_path: Path, monke
     (group,) = json.loads((folder / "results.json").read_text())["groups"]
     assert set(group["tuning"]["by_pe"]) == {"abs", "nope"}
     assert group["splits"]["test"]["by_pe"]["abs"]["n"] == 1  # only the chosen lr's run
-    assert "Tuned per encoding on val only" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "Tuned per encoding on val only" in report
+    # every candidate's val with the table's digits (accuracy: 3), whatever its value
+    assert re.search(r"- abs: chose train\.lr=\S+ \(val accuracy: train\.lr=0\.001: \d\.\d{3}, "
+                     r"train\.lr=0\.01: \d\.\d{3}\)", report)  # fmt: skip
     both = CliRunner().invoke(app, [*args, "--set", "train.lr=0.1"])
     assert both.exit_code == 2 and "both tuned" in both.output
 

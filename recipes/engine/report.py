@@ -905,12 +905,13 @@ def tuning_lines(result: dict[str, Any]) -> list[str]:
         "over seeds, test splits never consulted):",
         "",
     ]
+    digits = 1 if result["metric"] == "error" else 3  # as the table's cells
     for pe in result["pes"]:
         entry = tuning["by_pe"].get(pe)
         if not entry:
             continue
         candidates = ", ".join(
-            f"{candidate['label']}: {metric_value(candidate['val'], result['metric']):.3g}"
+            f"{candidate['label']}: {metric_value(candidate['val'], result['metric']):.{digits}f}"
             for candidate in entry["candidates"]
         )
         label = result["metric_label"]

@@ -312,6 +312,12 @@ def build_video_classifier(config: Config, info: dict[str, Any]) -> nn.Module:
             f"model.tokenizer must be one of {', '.join(VideoFrontend.TOKENIZERS)}, "
             f"got {tokenizer!r}"
         )
+    if tokenizer == "patches" and config.get("model.cope_gate") == "change":
+        raise UserError(
+            "model.cope_gate=change compares each token with the one before it, which with "
+            "model.tokenizer=patches is the neighbouring patch, not the same patch one frame "
+            "earlier; use the per-frame tokenizer (mlp-max) or another gate"
+        )
     spatial = str(config.get("model.spatial_pe", "none"))
     if spatial not in ("none", "learned"):
         raise UserError(f"model.spatial_pe must be 'none' or 'learned', got {spatial!r}")

@@ -398,10 +398,11 @@ def test_counting_end_to_end_train_and_eval(tmp_path: Path) -> None:
 
 LAUNCHER = """
 import sys
-sys.path.insert(0, sys.argv.pop(1))
-import engine_helpers  # the tiny recipes
-from cope_cli.app import main
-main()
+if __name__ == "__main__":  # --jobs workers import this file again (spawn), without running it
+    sys.path.insert(0, sys.argv.pop(1))
+    import engine_helpers  # the tiny recipes
+    from cope_cli.app import main
+    main()
 """
 
 
@@ -560,8 +561,10 @@ def test_compare_with_jobs_trains_runs_in_parallel_exactly_as_alone(tmp_path: Pa
     def evaluations(folder: str) -> list[dict]:
         runs = sorted(
             rundir.find_runs(tmp_path / folder, "tiny-majority"),
-            key=lambda run: json.loads((run / "config.json").read_text())["config"]["model.pe"]
-            + str(json.loads((run / "config.json").read_text())["config"]["train.seed"]),
+            key=lambda run: (
+                json.loads((run / "config.json").read_text())["config"]["model.pe"]
+                + str(json.loads((run / "config.json").read_text())["config"]["train.seed"])
+            ),
         )
         return [json.loads((run / "eval.json").read_text())["splits"] for run in runs]
 
@@ -569,3 +572,39 @@ def test_compare_with_jobs_trains_runs_in_parallel_exactly_as_alone(tmp_path: Pa
     # the parallel grid reuses finished runs like a serial one
     again = cope(*args, "--jobs", "2", "--out", tmp_path / "parallel")
     assert again.exit_code == 0 and again.output.count("reused:") == 4
+
+
+@pytest.mark.parametrize("moment", ["set-up", "training"])
+def test_ctrl_c_stops_every_parallel_run_with_a_checkpoint(tmp_path: Path, moment: str) -> None:
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER)
+    command = [
+        sys.executable, str(script), str(Path(__file__).parent), "compare", "tiny-majority",
+        "--pe", "abs,rope,nope", "--seeds", "1", "--steps", "100000", "--jobs", "2",
+        "--set", "train.eval_every=100000", "--out", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(  # its own process group: Ctrl-C reaches it and its workers
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and process.poll() is None:
+            runs = rundir.find_runs(tmp_path / "runs")
+            ready = len(runs) == 2 and (
+                moment == "set-up" or all(rundir.read_metrics(run) for run in runs)
+            )
+            if ready:
+                os.killpg(process.pid, signal.SIGINT)
+                break
+            time.sleep(0.05)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and stdout.count("interrupted:") == 2
+    runs = rundir.find_runs(tmp_path / "runs")
+    assert len(runs) == 2  # the third run never started
+    assert all((run / "checkpoint.pt").is_file() and not rundir.is_finished(run) for run in runs)

@@ -10,7 +10,9 @@ Each run is the same as it would be alone (same config, same run directory, same
 so a parallel grid reuses and resumes runs exactly like a serial one.
 
 Ctrl-C: every worker stops after its current step, saving a checkpoint (as ``cope train``
-does), runs not yet started are cancelled, and the grid reports itself interrupted.
+does; a worker still setting its run up stops after its first step, one in its final
+evaluation finishes it), runs not yet started are cancelled, and the grid reports itself
+interrupted. A second Ctrl-C terminates the workers at once (their last checkpoints stay).
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from typing import Any
 import torch
 
 from recipes.base import Config, Recipe, UserError
-from recipes.engine.trainer import RunResult, TrainObserver, TrainOptions, train
+from recipes.engine.trainer import (
+    RunResult,
+    TrainObserver,
+    TrainOptions,
+    request_stop,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,11 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
 
 
 def _start_worker(threads: int) -> None:
-    """Worker set-up: its thread share; SIGINT ignored between runs (a run handles its own)."""
+    """Worker set-up: its thread share; a Ctrl-C before or between training steps becomes a
+    request to stop at the next step (SIGINT was blocked from the spawn until here)."""
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: request_stop())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stop_children() -> None:
@@ -80,42 +90,61 @@ def train_parallel(
     interrupted = False
     started: dict[Future[RunResult], tuple[int, float]] = {}
     pending = list(range(len(tasks)))
+    workers = min(workers, len(tasks)) or 1
+    previous = signal.getsignal(signal.SIGINT)
 
-    def request_stop(signum: int, frame: Any) -> None:
+    def request_stop_all(signum: int, frame: Any) -> None:
         nonlocal interrupted
         interrupted = True
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C aborts at once
+        _stop_children()
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
-    previous = signal.signal(signal.SIGINT, request_stop)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker,
+        initargs=(threads_per_worker(workers),),
+    )  # fmt: skip
+    signal.signal(signal.SIGINT, request_stop_all)
     try:
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker,
-            initargs=(threads_per_worker(workers),),
-        ) as pool:  # fmt: skip
-            while pending or started:
-                while pending and len(started) < workers and not interrupted:
-                    index = pending.pop(0)
-                    on_start(index)
-                    started[pool.submit(_train_task, tasks[index])] = (index, time.monotonic())
-                if not started:
-                    break
-                done, _ = wait(started, timeout=1.0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index, began = started.pop(future)
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool as error:
-                        _stop_children()
-                        raise UserError(
-                            "a worker process died (killed, or out of memory?); run the same "
-                            "command again: finished runs are reused, unfinished ones resumed"
-                        ) from error
-                    except BaseException:
-                        _stop_children()
-                        raise
-                    results[index] = result
-                    interrupted |= result.status == "interrupted"
-                    on_end(index, result, time.monotonic() - began)
+        while pending or started:
+            while pending and len(started) < workers and not interrupted:
+                index = pending.pop(0)
+                on_start(index)
+                # Workers start with SIGINT blocked (the mask is inherited) until their handler
+                # is in place, so a Ctrl-C while one imports torch cannot kill it.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    future = pool.submit(_train_task, tasks[index])
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                started[future] = (index, time.monotonic())
+            if not started:
+                break
+            done, _ = wait(started, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, began = started.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as error:
+                    if interrupted:  # a worker killed by a second Ctrl-C
+                        return results, True
+                    _stop_children()
+                    raise UserError(
+                        "a worker process died (killed, or out of memory?); run the same "
+                        "command again: finished runs are reused, unfinished ones resumed"
+                    ) from error
+                except BaseException:
+                    _stop_children()
+                    raise
+                results[index] = result
+                interrupted |= result.status == "interrupted"
+                on_end(index, result, time.monotonic() - began)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop the workers now, saving nothing more
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
+    pool.shutdown(wait=True, cancel_futures=True)
     return results, interrupted

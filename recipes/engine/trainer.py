@@ -292,11 +292,21 @@ def build_data_checked(recipe: Recipe, config: Config, options: TrainOptions) ->
     return bundle
 
 
+_STOP_PENDING = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the run in progress in this process to stop after its current step (saving first);
+    a run still setting up stops after its first step (``cope ... --jobs`` workers turn a
+    Ctrl-C that arrives outside the step loop into this)."""
+    _STOP_PENDING.set()
+
+
 class _StopRequest:
     """Turns the first SIGINT into a request to stop after the current step (saving first)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.requested = False
+        self.requested = _STOP_PENDING.is_set()
         self._previous: Any = None
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
 

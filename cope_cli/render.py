@@ -188,11 +188,15 @@ def comparison_table(result: dict[str, Any], width: int | None = None) -> Table:
             " ± std [95% CI]",
             [],
         ),
-        ([seeds_column, *split_columns("std"), *alignment], " ± std", ["intervals in report.md"]),
+        (
+            [seeds_column, *split_columns("std"), *alignment],
+            " ± std",
+            ["intervals, steps to threshold in report.md"],
+        ),
         (
             [seeds_column, *split_columns("mean"), *alignment],
             "",
-            ["std and intervals in report.md"],
+            ["std, intervals, steps to threshold in report.md"],
         ),
     ]
     if aligned:

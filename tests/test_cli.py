@@ -528,7 +528,7 @@ def test_compare_table_with_many_splits_keeps_the_encoding_names_at_80_columns()
     assert all(len(line) <= 80 for line in lines)
     rows = [line for line in lines if line.lstrip("│ ").startswith(("cope", "nope"))]
     assert len(rows) == 2 and all(row.count("0.947") == 6 for row in rows)  # means, unclipped
-    assert "std and intervals in report.md" in text and "mean over 3 seeds" in text
+    assert "std, intervals, steps to threshold in report.md" in text and "mean over 3 seeds" in text
     assert "…" not in text
 
 

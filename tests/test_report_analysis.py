@@ -253,3 +253,13 @@ def test_question_recipes_name_their_questions():
     assert not get_recipe("counting").asks_questions
     assert sorted(["count", "n=10", "n=2"], key=natural_key) == ["count", "n=2", "n=10"]
     assert math.isnan(analysis.nanmean([None, math.nan]))
+
+
+def test_no_alignment_for_video_patch_tokens():
+    from types import SimpleNamespace
+
+    from recipes.engine.analysis import run_alignment
+
+    # the signals count one token per tubelet: with patch tokens nothing is scored (bundle unread)
+    loaded = SimpleNamespace(config={"model.tokenizer": "patches"}, bundle=None)
+    assert run_alignment(loaded, 8) == {}  # type: ignore[arg-type]

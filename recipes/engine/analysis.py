@@ -124,7 +124,13 @@ def nanmean(values: list[float | None]) -> float:
 
 def run_alignment(loaded: LoadedRun, examples: int) -> dict[str, dict[str, Any]]:
     """Per split (val and the OOD ones): per layer, the alignment statistics averaged over the
-    first ``examples`` examples that have onsets; splits without any are left out."""
+    first ``examples`` examples that have onsets; splits without any are left out.
+
+    Video with patch tokens has none: the signals place one token per tubelet, patch tokens are
+    several per tubelet, so the score would be measured on the wrong tokens.
+    """
+    if loaded.config.get("model.tokenizer") == "patches":
+        return {}
     bundle = loaded.bundle
     collate = bundle.collate or pad_collate
     causal = bool(loaded.config.get("model.causal"))

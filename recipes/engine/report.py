@@ -31,7 +31,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,8 +429,7 @@ def aggregate_alignment(
             views = {
                 "best": layers[layer],
                 "mean": {
-                    key: nanmean([row.get(key) for row in layers])
-                    for key in ALIGNMENT_STATISTICS
+                    key: nanmean([row.get(key) for row in layers]) for key in ALIGNMENT_STATISTICS
                 },
             }
             for choice, statistics in views.items():
@@ -862,24 +861,35 @@ def alignment_lines(result: dict[str, Any]) -> list[str]:
         + " |",
         "|---|---|---|---|" + "---|" * len(ALIGNMENT_STATISTICS),
     ]
-    for pe, by_split in alignment["by_pe"].items():
+    for pe, choice, split, by_key, seeds in alignment_rows(alignment):
+        cells = [
+            _statistic_cell(by_key[key], key) if key in by_key else "–"
+            for key in ALIGNMENT_STATISTICS
+        ]
+        heading = split_heading(split, result["splits"][split])
+        lines.append(
+            f"| {pe} | {choice_label(choice)} | {heading} | {seeds} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def alignment_rows(
+    alignment: dict[str, Any],
+) -> Iterator[tuple[str, str, str, dict[str, Any], int]]:
+    """The rows of an alignment table, in order: (pe, layer choice, split, statistic ->
+    summary, seeds); combinations without figures are skipped."""
+    for pe, by_split in alignment.get("by_pe", {}).items():
         for choice in LAYER_CHOICES:
             for split in alignment["splits"]:
                 by_key = by_split.get(split, {}).get(choice)
-                if not by_key:
-                    continue
-                cells = [
-                    _statistic_cell(by_key[key], key) if key in by_key else "–"
-                    for key in ALIGNMENT_STATISTICS
-                ]
-                seeds = max(summary["n"] for summary in by_key.values())
-                heading = split_heading(split, result["splits"][split])
-                lines.append(
-                    f"| {pe} | {choice_label(choice)} | {heading} | {seeds} | "
-                    + " | ".join(cells)
-                    + " |"
-                )
-    return lines
+                if by_key:
+                    yield (
+                        pe,
+                        choice,
+                        split,
+                        by_key,
+                        max(summary["n"] for summary in by_key.values()),
+                    )
 
 
 def _statistic_cell(summary: dict[str, Any], key: str) -> str:

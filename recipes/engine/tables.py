@@ -18,8 +18,8 @@ from recipes.engine import rundir
 from recipes.engine.analysis import ALIGNMENT_STATISTICS
 from recipes.engine.report import (
     ALIGNMENT_LABELS,
-    LAYER_CHOICES,
     alignment_cell,
+    alignment_rows,
     alignment_split,
     choice_label,
     split_heading,
@@ -146,23 +146,14 @@ def _alignment_table(
     labels = [ALIGNMENT_LABELS[key] for key in ALIGNMENT_STATISTICS]
     lines = _table_head([*lead, "layers", "split", "seeds", *labels])
     for group in groups:
-        alignment = group.get("alignment") or {"by_pe": {}}
-        for pe, by_split in alignment["by_pe"].items():
-            for choice in LAYER_CHOICES:
-                for split in alignment["splits"]:
-                    by_key = by_split.get(split, {}).get(choice)
-                    if not by_key:
-                        continue
-                    seeds = max(summary["n"] for summary in by_key.values())
-                    cells = [
-                        summary_cell(by_key[key], 2 if key in ("score", "recall") else 1)
-                        if key in by_key
-                        else "–"
-                        for key in ALIGNMENT_STATISTICS
-                    ]
-                    heading = split_heading(split, group["splits"][split])
-                    start = row_start(group, pe)
-                    lines.append(
-                        _table_row([*start, choice_label(choice), heading, str(seeds), *cells])
-                    )
+        for pe, choice, split, by_key, seeds in alignment_rows(group.get("alignment") or {}):
+            cells = [
+                summary_cell(by_key[key], 2 if key in ("score", "recall") else 1)
+                if key in by_key
+                else "–"
+                for key in ALIGNMENT_STATISTICS
+            ]
+            heading = split_heading(split, group["splits"][split])
+            start = row_start(group, pe)
+            lines.append(_table_row([*start, choice_label(choice), heading, str(seeds), *cells]))
     return "\n".join(lines) + "\n"

@@ -163,7 +163,9 @@ CopeGateOption = Annotated[
     typer.Option(
         help=f"CoPE gate (model.cope_gate): {', '.join(GATES)}; qk is the paper's, onset opens "
         "at changes between neighbouring keys, token is a per-token head, change opens where "
-        "the encoder's input features change (one detector shared by the layers). Default: qk."
+        "the encoder's input features change (one detector shared by the layers), rise opens "
+        "where the raw input features (audio frames, video pixels) rise: onsets, not offsets. "
+        "Default: qk."
     ),
 ]
 TuneOption = Annotated[

@@ -14,9 +14,9 @@ Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719); the math
 - ``"auto"``: the cheapest available path by a committed calibration table of measured costs
   (:func:`select_impl`).
 
-The gate variants ``"onset"``, ``"token"`` and ``"change"`` run on the reference or the fused
-kernel: with ``impl="blockwise"`` or ``"triton"`` they run on the reference. This module imports the
-implementations; they import only :mod:`encoders.cope_core`, never each other.
+The gate variants ``"onset"``, ``"token"``, ``"change"`` and ``"rise"`` run on the reference or
+the fused kernel: with ``impl="blockwise"`` or ``"triton"`` they run on the reference. This module
+imports the implementations; they import only :mod:`encoders.cope_core`, never each other.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def cope_attention(
     q, k, v: (B, H, T, D); pos_emb: (npos, D) shared by heads or (H, npos, D) per head, with
     2*npos-1 rows when ``causal=False``; key_padding_mask: (B, T), True marks padding.
     ``gate``: "qk" (the paper's), "onset" (needs ``gate_keys``, e.g. :func:`onset_keys` of k)
-    or "token" / "change" (need ``gate_logits`` (B, H, T)); blockwise and triton know only
+    or "token" / "change" / "rise" (need ``gate_logits`` (B, H, T)); blockwise and triton know only
     "qk", so the other gates run on the reference when one of them is asked for.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:

@@ -13,12 +13,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Gate = Literal["qk", "onset", "token", "change"]
-GATES: tuple[str, ...] = ("qk", "onset", "token", "change")
+Gate = Literal["qk", "onset", "token", "change", "rise"]
+GATES: tuple[str, ...] = ("qk", "onset", "token", "change", "rise")
 # Gates that are one value per key, the same for every query, given as logits (B, H, T): they
 # differ only in where the logits come from (``token``: each layer's input; ``change``: a change
-# detector on the encoder's input, shared by the layers), not in the attention maths.
-PER_KEY_GATES: tuple[str, ...] = ("token", "change")
+# detector on the encoder's input; ``rise``: a detector of rising input features; both shared by
+# the layers), not in the attention maths.
+PER_KEY_GATES: tuple[str, ...] = ("token", "change", "rise")
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -67,7 +68,9 @@ def check_gate_inputs(
         if gate_logits is None or gate_logits.shape != q.shape[:-1]:
             raise ValueError(f"the {gate} gate needs gate_logits of shape {tuple(q.shape[:-1])}")
     elif gate_logits is not None:
-        raise ValueError(f"gate_logits is only used by the token and change gates, not {gate!r}")
+        raise ValueError(
+            f"gate_logits is only used by the per-key gates (token, change, rise), not {gate!r}"
+        )
 
 
 def position_logits(q: Tensor, pos_emb: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -31,7 +31,7 @@ from encoders.cope_core import compute_dtype, npos_of_table
 
 # The kernel's gate codes (kQK, kOnset, kToken in cope_cpu.cpp). The change gate is a per-key
 # gate like the token gate: only where its logits come from differs, so it runs as kToken.
-KERNEL_GATES: dict[str, int] = {"qk": 0, "onset": 1, "token": 2, "change": 2}
+KERNEL_GATES: dict[str, int] = {"qk": 0, "onset": 1, "token": 2, "change": 2, "rise": 2}
 
 SOURCE = Path(__file__).parent / "csrc" / "cope_cpu.cpp"
 # Where the install step puts the library; COPE_KERNEL_DIR overrides it (tests, read-only trees).

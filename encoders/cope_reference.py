@@ -39,6 +39,10 @@ Gate variants (``gate=``; the maths above is ``"qk"``, the paper's, unchanged):
   (:class:`encoders.positions.ChangeGate`): l_jh = a_h . phi(x_j - x_{j-1}) + b_h, with no
   change at the first token of the signal. This function takes the logits as inputs, like the
   token gate's.
+- ``"rise"``: the same per-key gate; its logits come from what rose in the frontend's raw input
+  features since the same place one time step earlier (:class:`encoders.positions.RiseGate`):
+  l_jh = a_h . relu(c_j - c_{j-lag}) + b_h on clip-standardised features c, so an onset opens
+  it and an offset does not.
 
 Masked keys get g = 0 in every variant; attention scores stay q_i . k_j / sqrt(d).
 
@@ -86,7 +90,7 @@ def gate_values(
     if gate == "onset":
         change = scaled_scores(q, gate_keys, scores.dtype)
         gates = (2 * torch.sigmoid(change) - 1).abs()
-    else:  # "token", "change": one gate per key, the same for every query
+    else:  # "token", "change", "rise": one gate per key, the same for every query
         gates = torch.sigmoid(gate_logits.to(scores.dtype))[..., None, :].expand_as(scores)
     return gates.masked_fill(~allowed, 0.0)
 

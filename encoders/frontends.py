@@ -24,12 +24,18 @@ class FrontendOutput(NamedTuple):
 
     ``leading``: tokens before the signal (a question token); CoPE's change gate measures no
     change into the signal's first token.
+    ``cues`` (B, T', cue_dim): each token's raw input features (stacked log-mel frames, tubelet
+    pixels), which CoPE's rise gate compares with those ``lag`` tokens earlier: the same place
+    one time step before (1 for a sequence of steps, the patches per step for patch tokens);
+    None where the frontend has no input features (text tokens).
     """
 
     tokens: Tensor
     padding_mask: Tensor | None
     coords: Tensor | None
     leading: int = 0
+    cues: Tensor | None = None
+    lag: int = 1
 
 
 def subsample_mask(padding_mask: Tensor | None, group: int) -> Tensor | None:
@@ -45,7 +51,9 @@ def subsample_mask(padding_mask: Tensor | None, group: int) -> Tensor | None:
 
 
 class TokenFrontend(nn.Module):
-    """Token ids (B, T) -> embeddings (B, T, dim)."""
+    """Token ids (B, T) -> embeddings (B, T, dim); no cues (ids are not features)."""
+
+    cue_dim = 0
 
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__()
@@ -60,7 +68,8 @@ class FeatureFrontend(nn.Module):
     """Precomputed features (B, T, F) -> (B, ceil(T / stack), dim).
 
     ``stack`` consecutive frames are concatenated (a shorter sequence and a wider context per
-    token; the tail is zero-padded), then projected linearly to ``dim``.
+    token; the tail is zero-padded), then projected linearly to ``dim``; the stacked frames are
+    the tokens' cues.
     """
 
     def __init__(self, feature_dim: int, dim: int, stack: int = 1) -> None:
@@ -68,7 +77,8 @@ class FeatureFrontend(nn.Module):
         if stack < 1:
             raise ValueError(f"stack must be at least 1, got {stack}")
         self.dim, self.feature_dim, self.stack = dim, feature_dim, stack
-        self.projection = nn.Linear(feature_dim * stack, dim)
+        self.cue_dim = feature_dim * stack
+        self.projection = nn.Linear(self.cue_dim, dim)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FrontendOutput:
         if inputs.shape[-1] != self.feature_dim:
@@ -78,7 +88,10 @@ class FeatureFrontend(nn.Module):
             inputs = F.pad(inputs, (0, 0, 0, extra))
         stacked = rearrange(inputs, "b (t s) f -> b t (s f)", s=self.stack)
         return FrontendOutput(
-            self.projection(stacked), subsample_mask(padding_mask, self.stack), None
+            self.projection(stacked),
+            subsample_mask(padding_mask, self.stack),
+            None,
+            cues=stacked,
         )
 
 
@@ -199,7 +212,9 @@ class VideoFrontend(nn.Module):
     - ``"linear"``: one linear projection per tubelet (ViViT's tubelet embedding), tokens and
       coords as ``"patches"``.
     A clip whose length is not a multiple of pt is zero-padded at the end; the frame padding
-    mask (B, T) is subsampled like :class:`FeatureFrontend`'s.
+    mask (B, T) is subsampled like :class:`FeatureFrontend`'s. Cues: each patch token's tubelet
+    pixels (lag: the patches per step, so a patch is compared with itself one step earlier);
+    for ``"mlp-max"`` the max over the patches of the tubelet pixels, like its token.
     """
 
     TOKENIZERS = ("mlp-max", "patches", "linear")
@@ -219,6 +234,7 @@ class VideoFrontend(nn.Module):
         self.channels, self.dim, self.tokenizer = channels, dim, tokenizer
         self.tubelet = tuple(int(size) for size in tubelet)
         patch = channels * self.tubelet[0] * self.tubelet[1] * self.tubelet[2]
+        self.cue_dim = patch
         if tokenizer == "linear":
             self.embed = nn.Linear(patch, dim)
         else:
@@ -237,12 +253,21 @@ class VideoFrontend(nn.Module):
         if extra:
             inputs = F.pad(inputs, (0, 0, 0, 0, 0, 0, 0, extra))
         mask = subsample_mask(padding_mask, step)
-        patches = self.embed(to_tubelets(inputs, self.tubelet))  # (B, steps, nh*nw, dim)
+        pixels = to_tubelets(inputs, self.tubelet)  # (B, steps, nh*nw, pt*ph*pw*C)
+        patches = self.embed(pixels)  # (B, steps, nh*nw, dim)
         if self.tokenizer == "mlp-max":
-            return FrontendOutput(patches.max(dim=2).values, mask, None)
+            return FrontendOutput(
+                patches.max(dim=2).values, mask, None, cues=pixels.max(dim=2).values
+            )
         steps, per_step = patches.shape[1], patches.shape[2]
         grid = (height // patch_h, width // patch_w)
         if mask is not None:
             mask = mask.repeat_interleave(per_step, dim=1)
         coords = tubelet_coords(steps, grid, inputs.device)
-        return FrontendOutput(rearrange(patches, "b t p d -> b (t p) d"), mask, coords)
+        return FrontendOutput(
+            rearrange(patches, "b t p d -> b (t p) d"),
+            mask,
+            coords,
+            cues=rearrange(pixels, "b t p c -> b (t p) c"),
+            lag=per_step,
+        )

@@ -7,4 +7,4 @@ from __future__ import annotations
 POSITION_ENCODINGS: tuple[str, ...] = (
     "nope", "abs", "sin", "rope", "alibi", "t5", "rel", "cope", "cope+rope"
 )  # fmt: skip
-GATES: tuple[str, ...] = ("qk", "onset", "token", "change")
+GATES: tuple[str, ...] = ("qk", "onset", "token", "change", "rise")

@@ -6,9 +6,9 @@ every encoding alike:
 
 - ``input_encoding(spec)`` (class method): a model-level module added to the encoder's input
   (``abs``, ``sin``), built once per model; None for the others.
-- ``shared_gate(spec)`` (class method): a model-level module that turns the encoder's input into
-  gate logits (B, H, T) every layer's ``attend`` receives (CoPE's ``change`` gate,
-  :class:`ChangeGate`); None for the others.
+- ``shared_gate(spec)`` (class method): a model-level module that turns the encoder's input
+  (or the frontend's cues) into gate logits (B, H, T) every layer's ``attend`` receives (CoPE's
+  ``change`` and ``rise`` gates, :class:`ChangeGate`, :class:`RiseGate`); None for the others.
 - ``rotate(q, k, coords)``: rotates queries and keys before the scores (``rope``).
 - ``score_bias(coords, q)``: an additive bias on the scaled scores, (heads, T, T) or, when it
   depends on the queries, (B, heads, T, T) (``alibi``, ``t5``, ``rel``).
@@ -64,7 +64,7 @@ class PositionSpec:
     npos: int  # CoPE position cap (its table has npos rows, 2*npos-1 when bidirectional)
     cope_per_head: bool = False
     cope_impl: str = "auto"
-    cope_gate: str = "qk"  # CoPE gate variant: qk (paper), onset, token, change (encoders.cope)
+    cope_gate: str = "qk"  # CoPE gate: qk (paper), onset, token, change, rise (encoders.cope)
     # The authors' code divides CoPE's position logits by sqrt(head_dim) along with the scores
     # (its default; --cope-nodiv gives the paper's formula, our default False).
     cope_scale_logits: bool = False
@@ -73,6 +73,7 @@ class PositionSpec:
     # weight * mean relu(sum_j g_ij - budget)^2 as an auxiliary loss (:func:`gate_budget_penalty`).
     cope_gate_budget: float = 0.0
     cope_gate_weight: float = 0.01
+    cue_dim: int = 0  # the frontend's cues per token (the rise gate's input); 0: none
 
     @property
     def head_dim(self) -> int:
@@ -97,8 +98,9 @@ class PositionEncoding(nn.Module):
 
     @classmethod
     def shared_gate(cls, spec: PositionSpec) -> nn.Module | None:
-        """A model-level module ``forward(x, signal_mask) -> gate logits (B, H, T)`` whose
-        output every layer's ``attend`` gets as ``gate_logits``, or None."""
+        """A model-level module ``forward(x, signal_mask, cues, lag) -> gate logits (B, H, T)``
+        (:class:`ChangeGate`'s arguments) whose output every layer's ``attend`` gets as
+        ``gate_logits``, or None."""
         return None
 
     def rotate(self, q: Tensor, k: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
@@ -430,7 +432,7 @@ def gate_sums(
 
     Equal to ``cope_gates(...).sum(-1)`` but leaner, so the regulariser costs little beside a
     kernel that keeps no gates: one (B, H, T, T) product for qk and onset (whose gate
-    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the per-key gates (token, change).
+    |2 sigmoid(x) - 1| is |tanh(x / 2)|), and O(B H T) for the per-key gates (token, change, rise).
     """
     if gate in PER_KEY_GATES:
         gates = torch.sigmoid(gate_logits.float())
@@ -465,18 +467,30 @@ def gate_budget_penalty(
     return (excess * real).sum() / real.sum().clamp(min=1)
 
 
+def lagged_difference(values: Tensor, signal_mask: Tensor | None, lag: int = 1) -> Tensor:
+    """values_j - values_{j-lag}, (B, T, C): 0 for the first ``lag`` tokens and wherever token j
+    or j-lag is not a signal token (``signal_mask`` (B, T): no CLS, question, readout or pad)."""
+    change = values[:, lag:] - values[:, :-lag]
+    if signal_mask is not None:
+        counted = signal_mask[:, lag:] & signal_mask[:, :-lag]
+        change = change * counted[..., None].to(change.dtype)
+    return torch.cat((torch.zeros_like(values[:, :lag]), change), dim=1)
+
+
 class ChangeGate(nn.Module):
     """CoPE's ``change`` gate: per-head gate logits from a change detector on the encoder input.
 
     One module per model, shared by every layer, query-independent; for token j and head h::
 
         n_j    = LayerNorm(x_j)                      (no affine: the frontend cannot rescale it)
-        d_j    = W (n_j - n_{j-1})                   (W learned, initialised to the identity)
+        d_j    = W (n_j - n_{j-lag})                 (W learned, initialised to the identity)
         l_jh   = a_h . [relu(d_j), relu(-d_j)] + b_h (rising and falling changes apart)
 
-    and the gate is g_jh = sigmoid(l_jh) (:mod:`encoders.cope_reference`). d_j = 0 at the first
-    token of the signal and wherever token j or j-1 is not a signal token (``signal_mask``: a
-    CLS, question or readout token, padding), so those steps never count as a change.
+    and the gate is g_jh = sigmoid(l_jh) (:mod:`encoders.cope_reference`). ``lag`` is the
+    frontend's: 1 for a sequence of steps, the patches per step for video patch tokens (a patch
+    against itself one step earlier). d_j = 0 at the first token of the signal and wherever
+    token j or j-lag is not a signal token (``signal_mask``: a CLS, question or readout token,
+    padding), so those steps never count as a change.
 
     Initialisation (a_h = SHARPNESS / dim everywhere, b_h = -SHARPNESS * THRESHOLD):
     l_jh = SHARPNESS * (mean_c |d_jc| - THRESHOLD), a gate that opens where the normalised
@@ -498,19 +512,83 @@ class ChangeGate(nn.Module):
             self.head.weight.fill_(self.SHARPNESS / dim)
             self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
 
-    def changes(self, x: Tensor, signal_mask: Tensor | None = None) -> Tensor:
-        """d_j = W (n_j - n_{j-1}), (B, T, dim): 0 at the first token and off the signal."""
-        projected = self.project(self.norm(x))
-        change = projected[:, 1:] - projected[:, :-1]
-        if signal_mask is not None:
-            counted = signal_mask[:, 1:] & signal_mask[:, :-1]
-            change = change * counted[..., None].to(change.dtype)
-        return torch.cat((torch.zeros_like(projected[:, :1]), change), dim=1)
+    def changes(self, x: Tensor, signal_mask: Tensor | None = None, lag: int = 1) -> Tensor:
+        """d_j = W (n_j - n_{j-lag}), (B, T, dim): 0 at the first token and off the signal."""
+        return lagged_difference(self.project(self.norm(x)), signal_mask, lag)
 
-    def forward(self, x: Tensor, signal_mask: Tensor | None = None) -> Tensor:
-        """Gate logits (B, H, T) of the encoder input x (B, T, dim); ``signal_mask`` (B, T)."""
-        change = self.changes(x, signal_mask)
+    def forward(
+        self,
+        x: Tensor,
+        signal_mask: Tensor | None = None,
+        cues: Tensor | None = None,
+        lag: int = 1,
+    ) -> Tensor:
+        """Gate logits (B, H, T) of the encoder input x (B, T, dim); ``signal_mask`` (B, T);
+        ``cues`` unused (the rise gate's)."""
+        change = self.changes(x, signal_mask, lag)
         return self.head(torch.cat((F.relu(change), F.relu(-change)), dim=-1)).transpose(1, 2)
+
+
+class RiseGate(nn.Module):
+    """CoPE's ``rise`` gate: per-head gate logits from what rose in the raw input features.
+
+    The ``change`` gate opens at onsets and offsets alike (it sees layer-normalised encoder
+    inputs, whose level is gone); counting events wants the onsets. This gate reads the
+    frontend's cues c (B, T, C): stacked log-mel frames, tubelet pixels; for token j, head h::
+
+        c'_j  = (c_j - mean) / std                  (over the clip's signal tokens and channels)
+        r_j   = relu(c'_j - c'_{j-lag})             (what rose since one time step earlier)
+        l_jh  = a_h . r_j + b_h
+
+    Standardising per clip makes the threshold scale-free and leaves it unchanged when a clip is
+    played slower (the spread of its frames does not change; a per-token one would). r_j = 0
+    where token j or j-lag is not a signal token, as in :class:`ChangeGate`. Initialisation
+    (a_h = SHARPNESS / C, b_h = -SHARPNESS * THRESHOLD): l = SHARPNESS * (mean_c r_jc -
+    THRESHOLD), a gate that opens where the features rise by more than THRESHOLD clip standard
+    deviations per channel on average (measured on audio-events: onset tokens ~0.25-0.5,
+    background noise ~0.18; moving-shapes: appearances 0.4-1.0, moving or blank frames ~0).
+    """
+
+    THRESHOLD = 0.35
+    SHARPNESS = 16.0
+
+    def __init__(self, cue_dim: int, heads: int) -> None:
+        super().__init__()
+        if cue_dim < 1:
+            raise ValueError(
+                "the rise gate reads the frontend's input features, and this model's frontend "
+                "has none (text tokens): use another gate"
+            )
+        self.head = nn.Linear(cue_dim, heads)
+        with torch.no_grad():
+            self.head.weight.fill_(self.SHARPNESS / cue_dim)
+            self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
+
+    def rises(self, cues: Tensor, signal_mask: Tensor | None = None, lag: int = 1) -> Tensor:
+        """r_j = relu(c'_j - c'_{j-lag}), (B, T, C), of clip-standardised cues."""
+        cues = cues.float()
+        weight = (
+            torch.ones_like(cues[..., :1])
+            if signal_mask is None
+            else signal_mask[..., None].to(cues.dtype)
+        )
+        count = (weight.sum(dim=(1, 2)) * cues.shape[-1]).clamp(min=1)[:, None, None]
+        mean = (cues * weight).sum(dim=(1, 2), keepdim=True) / count
+        spread = (((cues - mean) * weight).square().sum(dim=(1, 2), keepdim=True) / count).sqrt()
+        standard = (cues - mean) / spread.clamp(min=1e-5)
+        return F.relu(lagged_difference(standard, signal_mask, lag))
+
+    def forward(
+        self,
+        x: Tensor,
+        signal_mask: Tensor | None = None,
+        cues: Tensor | None = None,
+        lag: int = 1,
+    ) -> Tensor:
+        """Gate logits (B, H, T) of the cues (B, T, C); x (the encoder input) only for its dtype."""
+        if cues is None:
+            raise ValueError("the rise gate needs the frontend's cues (Encoder(cues=...))")
+        return self.head(self.rises(cues, signal_mask, lag).to(x.dtype)).transpose(1, 2)
 
 
 @register_position_encoding("cope")
@@ -523,7 +601,8 @@ class ContextualPositions(PositionEncoding):
     ``spec.cope_gate`` picks the gate: "qk" (paper), "onset" (differenced keys), "token"
     (``gate_head``: a Linear(dim, heads) on the layer input, one gate logit per key and head) or
     "change" (the model's :class:`ChangeGate` on the encoder input, the same logits in every
-    layer, handed to ``attend`` as ``gate_logits``).
+    layer, handed to ``attend`` as ``gate_logits``) or "rise" (the model's :class:`RiseGate` on
+    the frontend's cues, handed over the same way).
     ``spec.cope_scale_logits`` divides the position logits z_i[n] = q_i . e[n] by sqrt(d), as
     the authors' code does by default; it passes the kernel e / sqrt(d), which is exactly
     (q_i . e[n]) / sqrt(d). ``spec.attn_dropout`` drops attention weights while training (the
@@ -556,8 +635,12 @@ class ContextualPositions(PositionEncoding):
 
     @classmethod
     def shared_gate(cls, spec: PositionSpec) -> nn.Module | None:
-        """The model's :class:`ChangeGate` for the change gate; None for the other gates."""
-        return ChangeGate(spec.dim, spec.heads) if spec.cope_gate == "change" else None
+        """The model's :class:`ChangeGate` or :class:`RiseGate`; None for the other gates."""
+        if spec.cope_gate == "change":
+            return ChangeGate(spec.dim, spec.heads)
+        if spec.cope_gate == "rise":
+            return RiseGate(spec.cue_dim, spec.heads)
+        return None
 
     def gate_inputs(
         self, k: Tensor, layer_input: Tensor | None, shared_logits: Tensor | None = None
@@ -569,9 +652,10 @@ class ContextualPositions(PositionEncoding):
             if layer_input is None:
                 raise ValueError("the token gate needs the layer input (attend(layer_input=x))")
             return None, self.gate_head(layer_input).transpose(1, 2)  # (B, H, T)
-        if self.spec.cope_gate == "change":
+        if self.spec.cope_gate in ("change", "rise"):
             if shared_logits is None:
-                raise ValueError("the change gate needs the model's logits (attend(gate_logits=))")
+                gate = self.spec.cope_gate
+                raise ValueError(f"the {gate} gate needs the model's logits (attend(gate_logits=))")
             return None, shared_logits
         return None, None
 

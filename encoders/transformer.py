@@ -20,9 +20,10 @@ Readout of ``SequenceClassifier`` with ``pooling="cls"``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.attention import MultiHeadAttention
@@ -52,7 +53,7 @@ class EncoderConfig:
     cope_impl: str = "auto"
     pooling: str = "cls"  # "cls" | "mean"
     grid: tuple[int, ...] | None = None  # row-major token layout for axial coords (see Encoder)
-    cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token" | "change" (encoders.cope)
+    cope_gate: str = "qk"  # "qk" (paper) | "onset" | "token" | "change" | "rise" (encoders.cope)
     # The paper's formula (False) or the authors' code (True): CoPE's position logits / sqrt(d).
     cope_scale_logits: bool = False
     attn_dropout: float = 0.0  # dropout on attention weights (the authors' run script: 0.1)
@@ -179,16 +180,18 @@ class Encoder(nn.Module):
 
     ``coords`` (T, n_axes) long gives each token's position per axis; None means the flat index,
     or, when ``config.grid`` is set, the row-major layout over that grid (:func:`grid_coords`).
-    ``shared_gate`` (CoPE's change gate, else None) computes gate logits once from the input
-    and hands them to every layer; ``signal_mask`` (B, T) tells it which tokens are the signal.
+    ``shared_gate`` (CoPE's change or rise gate, else None) computes gate logits once from the
+    input (or the frontend's ``cues``, compared ``lag`` tokens apart) and hands them to every
+    layer; ``signal_mask`` (B, T) tells it which tokens are the signal. ``cue_dim``: the
+    frontend's cue width (0: no cues), what the rise gate reads.
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, cue_dim: int = 0) -> None:
         super().__init__()
         self.config = config
         encoding = get_position_encoding(config.pe)
         self.input_positions = encoding.input_encoding(config.position_spec())
-        self.shared_gate = encoding.shared_gate(config.position_spec())
+        self.shared_gate = encoding.shared_gate(replace(config.position_spec(), cue_dim=cue_dim))
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
@@ -205,15 +208,19 @@ class Encoder(nn.Module):
         padding_mask: Tensor | None = None,
         coords: Tensor | None = None,
         signal_mask: Tensor | None = None,
+        cues: Tensor | None = None,
+        lag: int = 1,
     ) -> Tensor:
         """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None;
-        signal_mask: (B, T) True on the signal's tokens (None: every unpadded token)."""
+        signal_mask: (B, T) True on the signal's tokens (None: every unpadded token);
+        cues: (B, T, cue_dim) the frontend's raw features per token (the rise gate's), or None;
+        lag: tokens between a token and its place one time step earlier."""
         coords = self.resolve_coords(x.shape[1], coords, x.device)
         gate_logits = None
         if self.shared_gate is not None:
             if signal_mask is None and padding_mask is not None:
                 signal_mask = ~padding_mask
-            gate_logits = self.shared_gate(x, signal_mask)  # from the input features, (B, H, T)
+            gate_logits = self.shared_gate(x, signal_mask, cues, lag)  # (B, H, T)
         if self.input_positions is not None:
             x = self.input_positions(x, coords)
         x = self.dropout(x)
@@ -224,6 +231,17 @@ class Encoder(nn.Module):
 
 def _project(frontend_dim: int, dim: int) -> nn.Module:
     return nn.Identity() if frontend_dim == dim else nn.Linear(frontend_dim, dim)
+
+
+def cue_dim(frontend: nn.Module) -> int:
+    """The frontend's cue width, what CoPE's rise gate reads (0: no cues)."""
+    return int(getattr(frontend, "cue_dim", 0))
+
+
+def _pad_cues(cues: Tensor | None, before: int, after: int) -> Tensor | None:
+    """Cues (B, T, C) with zero rows for non-signal tokens added before and after (CLS, readout);
+    the gates never compare them (they are off the signal mask)."""
+    return None if cues is None else F.pad(cues, (0, 0, before, after))
 
 
 def signal_mask(front: FrontendOutput, length: int) -> Tensor:
@@ -253,7 +271,7 @@ class SequenceClassifier(nn.Module):
         self.frontend = frontend
         self.config = config
         self.project = _project(frontend.dim, config.dim)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, cue_dim(frontend))
         # Only a CLS readout has the token: an unused parameter would upset DDP.
         self.cls_token = (
             nn.Parameter(torch.randn(config.dim) * 0.02) if config.pooling == "cls" else None
@@ -267,9 +285,11 @@ class SequenceClassifier(nn.Module):
         coords = self.encoder.resolve_coords(tokens.shape[1], front.coords, tokens.device)
         signal = signal_mask(front, tokens.shape[1])
         if self.config.pooling == "mean":
-            return self.head(masked_mean(self.encoder(tokens, mask, coords, signal), mask))
+            encoded = self.encoder(tokens, mask, coords, signal, front.cues, front.lag)
+            return self.head(masked_mean(encoded, mask))
         if self.config.causal:
-            return self._causal_readout(tokens, mask, coords, signal)
+            cues = _pad_cues(front.cues, 0, 1)
+            return self._causal_readout(tokens, mask, coords, signal, cues, front.lag)
         batch = tokens.shape[0]
         tokens = torch.cat((self.cls_token.to(tokens.dtype).expand(batch, 1, -1), tokens), dim=1)
         signal = torch.cat((signal.new_zeros(batch, 1), signal), dim=1)  # CLS is no signal
@@ -277,12 +297,20 @@ class SequenceClassifier(nn.Module):
             mask = torch.cat((mask.new_zeros(batch, 1), mask), dim=1)
         if coords is not None:  # CLS at 0 on every axis, tokens shifted by one
             coords = torch.cat((coords.new_zeros(1, coords.shape[1]), coords + 1), dim=0)
-        return self.head(self.encoder(tokens, mask, coords, signal)[:, 0])
+        cues = _pad_cues(front.cues, 1, 0)
+        return self.head(self.encoder(tokens, mask, coords, signal, cues, front.lag)[:, 0])
 
     def _causal_readout(
-        self, tokens: Tensor, mask: Tensor | None, coords: Tensor | None, signal: Tensor
+        self,
+        tokens: Tensor,
+        mask: Tensor | None,
+        coords: Tensor | None,
+        signal: Tensor,
+        cues: Tensor | None,
+        lag: int,
     ) -> Tensor:
-        """Put the readout token right after each sequence's last real token and read it."""
+        """Put the readout token right after each sequence's last real token and read it;
+        ``cues`` already have a row for it."""
         batch, length, _ = tokens.shape
         lengths = (
             torch.full((batch,), length, device=tokens.device)
@@ -299,7 +327,7 @@ class SequenceClassifier(nn.Module):
         extended_mask = steps[None, :] > lengths[:, None] if mask is not None else None
         if coords is not None:
             coords = torch.cat((coords, coords.max(dim=0, keepdim=True).values + 1), dim=0)
-        encoded = self.encoder(tokens, extended_mask, coords, signal)
+        encoded = self.encoder(tokens, extended_mask, coords, signal, cues, lag)
         return self.head(encoded[rows, lengths])
 
 
@@ -311,15 +339,16 @@ class TokenClassifier(nn.Module):
         self.frontend = frontend
         self.config = config
         self.project = _project(frontend.dim, config.dim)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, cue_dim(frontend))
         self.head = nn.Linear(config.dim, num_classes)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T', num_classes) for the frontend's T' tokens."""
         front = self.frontend(inputs, padding_mask)
         tokens = self.project(front.tokens)
+        signal = signal_mask(front, tokens.shape[1])
         encoded = self.encoder(
-            tokens, front.padding_mask, front.coords, signal_mask(front, tokens.shape[1])
+            tokens, front.padding_mask, front.coords, signal, front.cues, front.lag
         )
         return self.head(encoded)
 

@@ -232,12 +232,18 @@ def build_token_model(config: Config, info: dict[str, Any]) -> nn.Module:
     """A causal (or not, as configured) TokenClassifier over the task's vocabulary.
 
     Fails with a UserError when the data's longest sequence exceeds ``model.max_len``: learned
-    absolute positions and the default CoPE cap are sized from it.
+    absolute positions and the default CoPE cap are sized from it; and for CoPE's rise gate,
+    which reads input features that token ids do not have.
     """
     from encoders.frontends import TokenFrontend
     from encoders.transformer import TokenClassifier
 
     encoder = encoder_config(config)
+    if encoder.pe.startswith("cope") and encoder.cope_gate == "rise":
+        raise UserError(
+            "model.cope_gate=rise reads the input features (audio frames, video pixels) and "
+            "text tokens have none; use qk, onset, token or change"
+        )
     longest = int(info["max_len"])
     if longest > encoder.max_len:
         raise UserError(

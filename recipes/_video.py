@@ -288,6 +288,7 @@ class SpatialEmbedding(nn.Module):
     def __init__(self, frontend: nn.Module, grid: tuple[int, int]) -> None:
         super().__init__()
         self.frontend, self.dim, self.grid = frontend, frontend.dim, grid
+        self.cue_dim = frontend.cue_dim
         self.table = nn.Parameter(torch.zeros(grid[0] * grid[1], frontend.dim))
         nn.init.normal_(self.table, std=0.02)
 
@@ -311,12 +312,6 @@ def build_video_classifier(config: Config, info: dict[str, Any]) -> nn.Module:
         raise UserError(
             f"model.tokenizer must be one of {', '.join(VideoFrontend.TOKENIZERS)}, "
             f"got {tokenizer!r}"
-        )
-    if tokenizer == "patches" and config.get("model.cope_gate") == "change":
-        raise UserError(
-            "model.cope_gate=change compares each token with the one before it, which with "
-            "model.tokenizer=patches is the neighbouring patch, not the same patch one frame "
-            "earlier; use the per-frame tokenizer (mlp-max) or another gate"
         )
     spatial = str(config.get("model.spatial_pe", "none"))
     if spatial not in ("none", "learned"):

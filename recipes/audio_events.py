@@ -379,6 +379,7 @@ class QuestionFrontend(nn.Module):
         super().__init__()
         self.dim, self.n_mels, self.n_questions = dim, n_mels, n_questions
         self.audio = FeatureFrontend(n_mels, dim, stack=stack)
+        self.cue_dim = self.audio.cue_dim
         self.question = nn.Embedding(n_questions, dim)
 
     def forward(self, inputs: Tensor, padding_mask: Tensor | None = None) -> FrontendOutput:
@@ -389,7 +390,8 @@ class QuestionFrontend(nn.Module):
         mask = front.padding_mask
         if mask is not None:
             mask = torch.cat((mask.new_zeros(mask.shape[0], 1), mask), dim=1)
-        return FrontendOutput(tokens, mask, None, leading=1)
+        cues = nn.functional.pad(front.cues, (0, 0, 1, 0))  # the question token: no cue
+        return FrontendOutput(tokens, mask, None, leading=1, cues=cues)
 
 
 def longest_tokens(data: dict[str, Any]) -> int:

@@ -195,6 +195,11 @@ FATAL = [
     Fatal("unknown recipe", train("speech-comands"), "unknown recipe 'speech-comands'"),
     Fatal("unknown encoding", train("counting", "--pe", "rotary"), "unknown position encoding"),
     Fatal("unknown preset", train("counting", "--preset", "huge"), "no preset 'huge'"),
+    Fatal(
+        "rise gate on text",
+        train("counting", "--pe", "cope", "--cope-gate", "rise"),
+        "text tokens have none",
+    ),
     Fatal("unknown --set key", train("counting", "--set", "model.dimm=8"), "'model.dim'"),
     Fatal("unknown --set section", train("counting", "--set", "optim.lr=1"), "optim.lr"),
     # values of the wrong type or out of range

@@ -206,9 +206,6 @@ def test_bad_options_are_user_errors() -> None:
             MovingShapes().build_data(options, None, False)
     with pytest.raises(UserError, match="tokenizer"):
         MovingShapes().build_model({"model.tokenizer": "pixels"}, {"frame_size": 32})
-    with pytest.raises(UserError, match="same patch one frame"):
-        options = {"model.tokenizer": "patches", "model.cope_gate": "change"}
-        MovingShapes().build_model(options, {"frame_size": 32})
 
 
 def test_tubelets_round_trip_and_group_pixels_of_one_patch() -> None:

@@ -537,20 +537,27 @@ class RiseGate(nn.Module):
     frontend's cues c (B, T, C): stacked log-mel frames, tubelet pixels; for token j, head h::
 
         c'_j  = (c_j - mean) / std                  (over the clip's signal tokens and channels)
-        r_j   = relu(c'_j - c'_{j-lag})             (what rose since one time step earlier)
+        d_j   = c'_j - c'_{j-lag}                   (the change since one time step earlier)
+        r_j   = [relu(d_j), relu(mean_c d_jc)]      (what rose per channel; the level's rise)
         l_jh  = a_h . r_j + b_h
 
-    Standardising per clip makes the threshold scale-free and leaves it unchanged when a clip is
-    played slower (the spread of its frames does not change; a per-token one would). r_j = 0
-    where token j or j-lag is not a signal token, as in :class:`ChangeGate`. Initialisation
-    (a_h = SHARPNESS / C, b_h = -SHARPNESS * THRESHOLD): l = SHARPNESS * (mean_c r_jc -
-    THRESHOLD), a gate that opens where the features rise by more than THRESHOLD clip standard
-    deviations per channel on average (measured on audio-events: onset tokens ~0.25-0.5,
-    background noise ~0.18; moving-shapes: appearances 0.4-1.0, moving or blank frames ~0).
+    Standardising per clip makes the thresholds scale-free and leaves them unchanged when a clip
+    is played slower (the spread of its frames does not change; a per-token one would). d_j = 0
+    where token j or j-lag is not a signal token, as in :class:`ChangeGate`. The two kinds of
+    rise complement each other: per channel, a shape appearing in a patch; the level, a sound
+    starting in noise (frame-to-frame noise averages out in the mean over channels, but not in
+    the mean of its rises, ~0.18 clip standard deviations per channel on audio-events), and a
+    chirp sliding through the bands does not raise the level. Initialisation::
+
+        l_jh = SHARPNESS * (mean_c relu(d_jc) - THRESHOLD) + LEVEL_SHARPNESS * relu(mean_c d_jc)
+
+    closed without a rise (sigmoid(-SHARPNESS * THRESHOLD) ~ 7e-4); thresholds from rises
+    measured on audio-events and moving-shapes (docs/cope-maths.md).
     """
 
-    THRESHOLD = 0.35
+    THRESHOLD = 0.45
     SHARPNESS = 16.0
+    LEVEL_SHARPNESS = 40.0
 
     def __init__(self, cue_dim: int, heads: int) -> None:
         super().__init__()
@@ -559,13 +566,14 @@ class RiseGate(nn.Module):
                 "the rise gate reads the frontend's input features, and this model's frontend "
                 "has none (text tokens): use another gate"
             )
-        self.head = nn.Linear(cue_dim, heads)
+        self.head = nn.Linear(cue_dim + 1, heads)
         with torch.no_grad():
-            self.head.weight.fill_(self.SHARPNESS / cue_dim)
+            self.head.weight[:, :cue_dim].fill_(self.SHARPNESS / cue_dim)
+            self.head.weight[:, cue_dim].fill_(self.LEVEL_SHARPNESS)
             self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
 
     def rises(self, cues: Tensor, signal_mask: Tensor | None = None, lag: int = 1) -> Tensor:
-        """r_j = relu(c'_j - c'_{j-lag}), (B, T, C), of clip-standardised cues."""
+        """r_j = [relu(d_j), relu(mean_c d_jc)], (B, T, C + 1), of clip-standardised cues."""
         cues = cues.float()
         weight = (
             torch.ones_like(cues[..., :1])
@@ -575,8 +583,8 @@ class RiseGate(nn.Module):
         count = (weight.sum(dim=(1, 2)) * cues.shape[-1]).clamp(min=1)[:, None, None]
         mean = (cues * weight).sum(dim=(1, 2), keepdim=True) / count
         spread = (((cues - mean) * weight).square().sum(dim=(1, 2), keepdim=True) / count).sqrt()
-        standard = (cues - mean) / spread.clamp(min=1e-5)
-        return F.relu(lagged_difference(standard, signal_mask, lag))
+        change = lagged_difference((cues - mean) / spread.clamp(min=1e-5), signal_mask, lag)
+        return F.relu(torch.cat((change, change.mean(dim=-1, keepdim=True)), dim=-1))
 
     def forward(
         self,

@@ -68,6 +68,17 @@ def test_the_change_gate_counts_the_offset_too():
     assert gates[10] > 0.5 and gates[20] > 0.5
 
 
+def test_the_level_rises_at_a_sound_in_noise_and_not_while_a_chirp_slides():
+    generator = torch.Generator().manual_seed(4)
+    cues = 0.1 * torch.randn(1, 24, 32, generator=generator)
+    for step in range(12):  # a band sliding up one channel per token from token 6
+        cues[0, 6 + step, 2 + step] += 5.0
+    level = RiseGate(cue_dim=32, heads=1).rises(cues)[0, :, -1]
+    assert level[6] > 0.1 and level[7:18].max() < level[6] / 2 and level[18] == 0  # end: a fall
+    noise = RiseGate(cue_dim=32, heads=1).rises(0.3 * torch.randn(1, 24, 32, generator=generator))
+    assert noise[0, :, -1].mean() < noise[0, :, :-1].mean() / 3  # noise averages out of it
+
+
 def test_logits_do_not_depend_on_the_features_scale_or_offset():
     gate = RiseGate(cue_dim=12, heads=2)
     cues = event_in_noise()
@@ -169,7 +180,7 @@ def test_classifier_gates_open_at_the_onset_in_every_layer(causal):
         dim=8, depth=2, heads=2, mlp_dim=16, causal=causal, pe="cope", cope_gate="rise"
     )
     model = SequenceClassifier(_QuestionFirst(), config, num_classes=3).eval()
-    assert model.encoder.shared_gate.head.in_features == 8  # the frontend's cue width
+    assert model.encoder.shared_gate.head.in_features == 8 + 1  # the cues and their level
     clip = event_in_noise(length=16, onset=5, offset=11, channels=8)
     set_recording(model, True)
     with torch.no_grad():

@@ -21,7 +21,8 @@ def test_ablation_sweep_has_every_baseline_and_gate_over_three_seeds(name: str) 
         for job in jobs
     }
     assert {"abs", "rope", "rel", "nope", "cope[qk]", "cope[onset]", "cope[token]"} <= labels
-    if name != "moving-shapes":  # the change detector compares flat neighbours, not frames
+    assert "cope[rise]" in labels
+    if name != "moving-shapes":
         assert "cope[change]" in labels
     assert {job.config["train.seed"] for job in jobs} == {0, 1, 2}
     assert all(job.recipe == name for job in jobs)

@@ -477,7 +477,32 @@ def lagged_difference(values: Tensor, signal_mask: Tensor | None, lag: int = 1) 
     return torch.cat((torch.zeros_like(values[:, :lag]), change), dim=1)
 
 
-class ChangeGate(nn.Module):
+class SharedGate(nn.Module):
+    """A model-level gate: per-key logits (B, H, T) computed once from the encoder input x or the
+    frontend's cues, shared by every layer; subclasses say which (``reads_cues``) and how."""
+
+    reads_cues = False
+
+    def forward(
+        self,
+        x: Tensor,
+        signal_mask: Tensor | None = None,
+        cues: Tensor | None = None,
+        lag: int = 1,
+    ) -> Tensor:
+        """Gate logits (B, H, T); x (B, T, dim), ``signal_mask`` (B, T), ``cues`` (B, T, C),
+        ``lag``: the tokens between a token and its place one time step earlier."""
+        source = cues if self.reads_cues else x
+        if source is None:
+            raise ValueError(f"{type(self).__name__} needs the frontend's cues (Encoder(cues=))")
+        return self.logits(source, signal_mask, lag).transpose(1, 2)
+
+    def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:
+        """Gate logits (B, T, H) of x or the cues."""
+        raise NotImplementedError
+
+
+class ChangeGate(SharedGate):
     """CoPE's ``change`` gate: per-head gate logits from a change detector on the encoder input.
 
     One module per model, shared by every layer, query-independent; for token j and head h::
@@ -516,20 +541,13 @@ class ChangeGate(nn.Module):
         """d_j = W (n_j - n_{j-lag}), (B, T, dim): 0 at the first token and off the signal."""
         return lagged_difference(self.project(self.norm(x)), signal_mask, lag)
 
-    def forward(
-        self,
-        x: Tensor,
-        signal_mask: Tensor | None = None,
-        cues: Tensor | None = None,
-        lag: int = 1,
-    ) -> Tensor:
-        """Gate logits (B, H, T) of the encoder input x (B, T, dim); ``signal_mask`` (B, T);
-        ``cues`` unused (the rise gate's)."""
-        change = self.changes(x, signal_mask, lag)
-        return self.head(torch.cat((F.relu(change), F.relu(-change)), dim=-1)).transpose(1, 2)
+    def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:
+        """l = a . [relu(d), relu(-d)] + b, (B, T, H), of the encoder input."""
+        change = self.changes(source, signal_mask, lag)
+        return self.head(torch.cat((F.relu(change), F.relu(-change)), dim=-1))
 
 
-class RiseGate(nn.Module):
+class RiseGate(SharedGate):
     """CoPE's ``rise`` gate: per-head gate logits from what rose in the raw input features.
 
     The ``change`` gate opens at onsets and offsets alike (it sees layer-normalised encoder
@@ -558,6 +576,7 @@ class RiseGate(nn.Module):
     THRESHOLD = 0.45
     SHARPNESS = 16.0
     LEVEL_SHARPNESS = 40.0
+    reads_cues = True
 
     def __init__(self, cue_dim: int, heads: int) -> None:
         super().__init__()
@@ -586,17 +605,9 @@ class RiseGate(nn.Module):
         change = lagged_difference((cues - mean) / spread.clamp(min=1e-5), signal_mask, lag)
         return F.relu(torch.cat((change, change.mean(dim=-1, keepdim=True)), dim=-1))
 
-    def forward(
-        self,
-        x: Tensor,
-        signal_mask: Tensor | None = None,
-        cues: Tensor | None = None,
-        lag: int = 1,
-    ) -> Tensor:
-        """Gate logits (B, H, T) of the cues (B, T, C); x (the encoder input) only for its dtype."""
-        if cues is None:
-            raise ValueError("the rise gate needs the frontend's cues (Encoder(cues=...))")
-        return self.head(self.rises(cues, signal_mask, lag).to(x.dtype)).transpose(1, 2)
+    def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:
+        """l = a . r + b, (B, T, H), of the cues (in the head's dtype)."""
+        return self.head(self.rises(source, signal_mask, lag).to(self.head.weight.dtype))
 
 
 @register_position_encoding("cope")

@@ -1,4 +1,5 @@
-"""CoPE's change gate: a change detector on the encoder input, shared by the layers.
+"""CoPE's change gate: a change detector on the encoder input, shared by the layers (and the
+fused-kernel check of both shared gates, change and rise).
 
 Specification (docs/cope-maths.md, "The change gate"): per-key gate logits from the differences
 of neighbouring input tokens, no change at the signal's first token or next to a non-signal
@@ -10,17 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shared_gates import readout_gates
 
 from encoders.cope import cope_attention, cope_gates
 from encoders.cope_cpu import kernel_available
 from encoders.frontends import FeatureFrontend, FrontendOutput
-from encoders.positions import ChangeGate
+from encoders.positions import ChangeGate, RiseGate
 from encoders.transformer import (
     EncoderConfig,
     SequenceClassifier,
     TokenClassifier,
-    recorded_layers,
-    set_recording,
 )
 
 needs_kernel = pytest.mark.skipif(
@@ -86,15 +86,19 @@ def test_padded_keys_have_zero_gates():
     assert (gates[..., 5:] == 0).all() and (gates[..., :5] > 0).all()
 
 
-def change_case(causal: bool, padded: bool, length: int = 21, dim: int = 8, heads: int = 2):
-    """Encoder input x, q, k, v, table, a change gate and a padding mask (float64)."""
-    torch.manual_seed(7 + causal + 2 * padded)
+def shared_gate_case(
+    kind: str, causal: bool, padded: bool, length: int = 21, dim: int = 8, heads: int = 2
+):
+    """The gate's input (encoder input x, or cues for ``rise``), q, k, v, table, the change or
+    rise gate and a padding mask (float64)."""
+    torch.manual_seed(7 + causal + 2 * padded + 4 * (kind == "rise"))
     npos = 5
     x = torch.randn(2, length, heads * dim, dtype=torch.float64)
     x[:, 8:14] = x[:, 8:9]  # a steady stretch: gates near 0 there, near 1 at its start
+    x[:, 14:, :3] += 3.0  # then a rise
     q, k, v = (torch.randn(2, heads, length, dim, dtype=torch.float64) for _ in "qkv")
     table = torch.randn(npos if causal else 2 * npos - 1, dim, dtype=torch.float64) * 0.5
-    gate = ChangeGate(heads * dim, heads).double()
+    gate = (ChangeGate if kind == "change" else RiseGate)(heads * dim, heads).double()
     mask = None
     if padded:
         mask = torch.zeros(2, length, dtype=torch.bool)
@@ -106,25 +110,28 @@ def change_case(causal: bool, padded: bool, length: int = 21, dim: int = 8, head
 @needs_kernel
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_fused_kernel_equals_the_reference_through_the_change_gate(causal, padded):
-    leaves, gate, mask = change_case(causal, padded)
+@pytest.mark.parametrize("kind", ["change", "rise"])
+def test_fused_kernel_equals_the_reference_through_the_shared_gates(kind, causal, padded):
+    leaves, gate, mask = shared_gate_case(kind, causal, padded)
     params = list(gate.parameters())
     grad_out = torch.randn(2, 2, 21, 8, dtype=torch.float64)
     results = {}
     for impl in ("reference", "fused"):
         inputs = [leaf.detach().clone().requires_grad_() for leaf in leaves]
-        x, q, k, v, table = inputs
+        source, q, k, v, table = inputs
         signal = None if mask is None else ~mask
         out = cope_attention(
-            q, k, v, table, causal=causal, key_padding_mask=mask, impl=impl, gate="change",
-            gate_logits=gate(x, signal),
+            q, k, v, table, causal=causal, key_padding_mask=mask, impl=impl, gate=kind,
+            gate_logits=gate(source, signal, source),
         )  # fmt: skip
         results[impl] = [out.detach(), *torch.autograd.grad(out, inputs + params, grad_out)]
-    names = ("out", "dx", "dq", "dk", "dv", "dtable", "dW", "da", "db")
+    names = ["out", "dsource", "dq", "dk", "dv", "dtable"]
+    names += [f"d{name}" for name, _ in gate.named_parameters()]
     for name, want, got in zip(names, results["reference"], results["fused"], strict=True):
         err = (want - got).abs().max().item()
         assert err <= 1e-10, f"{name}: max abs error {err:.2e}"
-    assert results["fused"][1].abs().sum() > 0, "the change gate must pass gradients to x"
+    assert results["fused"][1].abs().sum() > 0, f"the {kind} gate must pass gradients to its input"
+    assert results["fused"][-1].abs().sum() > 0, f"the {kind} gate's bias must learn"
 
 
 class _QuestionFirst(torch.nn.Module):
@@ -152,16 +159,7 @@ def test_classifier_gates_count_the_signals_changes_only_in_every_layer(causal):
     model = SequenceClassifier(_QuestionFirst(), config, num_classes=3).eval()
     signal = torch.cat((torch.full((1, 5, 8), 2.0), torch.full((1, 6, 8), -2.0)), dim=1)
     signal[..., ::2] *= -1  # two unrelated steady tokens: one change, at index 5
-    set_recording(model, True)
-    with torch.no_grad():
-        model(signal)
-    layers = recorded_layers(model)
-    first = layers[0]["gates"]
-    for layer in layers[1:]:
-        torch.testing.assert_close(layer["gates"], first)  # one detector, shared
-    offset = 0 if causal else 1  # the CLS token comes first when bidirectional
-    readout = first.shape[-1] - 1 if causal else 0
-    gates = first[0, :, readout, offset + 1 : offset + 12]  # the signal tokens' gates
+    gates = readout_gates(model, signal, signal_tokens=11)
     assert (gates[:, 5] > 0.5).all()
     others = torch.cat((gates[:, :5], gates[:, 6:]), dim=1)
     assert (others < 1e-3).all(), "the CLS/question/readout steps must not count as changes"

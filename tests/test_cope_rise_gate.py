@@ -4,27 +4,21 @@ Specification (docs/cope-maths.md, "The rise gate"): clip-standardised cues, dif
 the same place one time step earlier (``lag``), only the rises counted; a rise opens the gate
 and the matching fall does not; scale-free and unchanged when every frame is shown twice; no
 rise at the signal's first token or next to a non-signal token; padding changes nothing; the
-same attention maths as the other per-key gates on every path (reference and fused kernel).
+same attention maths as the other per-key gates on every path (reference and fused kernel:
+tests/test_cope_change_gate.py checks both shared gates there).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from shared_gates import readout_gates
 
-from encoders.cope import cope_attention
-from encoders.cope_cpu import kernel_available
 from encoders.frontends import FeatureFrontend, FrontendOutput, TokenFrontend, VideoFrontend
 from encoders.positions import ChangeGate, RiseGate, lagged_difference
 from encoders.transformer import (
     EncoderConfig,
     SequenceClassifier,
-    recorded_layers,
-    set_recording,
-)
-
-needs_kernel = pytest.mark.skipif(
-    not kernel_available(), reason="CPU kernel not built (run make install)"
 )
 
 
@@ -120,49 +114,6 @@ def test_a_model_without_input_features_gets_a_clear_error():
         SequenceClassifier(TokenFrontend(10, 8), config, num_classes=2)
 
 
-def rise_case(causal: bool, padded: bool, length: int = 21, dim: int = 8, heads: int = 2):
-    """Cues, q, k, v, table, a rise gate and a padding mask (float64)."""
-    torch.manual_seed(11 + causal + 2 * padded)
-    npos = 5
-    cues = torch.randn(2, length, 6, dtype=torch.float64)
-    cues[:, 8:14] = cues[:, 8:9]  # a steady stretch
-    cues[:, 14:, :3] += 3.0  # then a rise
-    q, k, v = (torch.randn(2, heads, length, dim, dtype=torch.float64) for _ in "qkv")
-    table = torch.randn(npos if causal else 2 * npos - 1, dim, dtype=torch.float64) * 0.5
-    gate = RiseGate(6, heads).double()
-    mask = None
-    if padded:
-        mask = torch.zeros(2, length, dtype=torch.bool)
-        mask[0, -6:] = True
-        mask[1, 3] = True  # a hole inside the sequence
-    return [cues, q, k, v, table], gate, mask
-
-
-@needs_kernel
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_fused_kernel_equals_the_reference_through_the_rise_gate(causal, padded):
-    leaves, gate, mask = rise_case(causal, padded)
-    params = list(gate.parameters())
-    grad_out = torch.randn(2, 2, 21, 8, dtype=torch.float64)
-    results = {}
-    for impl in ("reference", "fused"):
-        inputs = [leaf.detach().clone().requires_grad_() for leaf in leaves]
-        cues, q, k, v, table = inputs
-        signal = None if mask is None else ~mask
-        logits = gate(q.new_zeros(2, 21, 16), signal, cues)
-        out = cope_attention(
-            q, k, v, table, causal=causal, key_padding_mask=mask, impl=impl, gate="rise",
-            gate_logits=logits,
-        )  # fmt: skip
-        results[impl] = [out.detach(), *torch.autograd.grad(out, inputs + params, grad_out)]
-    names = ("out", "dcues", "dq", "dk", "dv", "dtable", "da", "db")
-    for name, want, got in zip(names, results["reference"], results["fused"], strict=True):
-        err = (want - got).abs().max().item()
-        assert err <= 1e-10, f"{name}: max abs error {err:.2e}"
-    assert results["fused"][6].abs().sum() > 0, "the rise gate's weights must learn"
-
-
 class _QuestionFirst(torch.nn.Module):
     """Feature frames behind one leading (question) token, with the frames as cues."""
 
@@ -182,16 +133,7 @@ def test_classifier_gates_open_at_the_onset_in_every_layer(causal):
     model = SequenceClassifier(_QuestionFirst(), config, num_classes=3).eval()
     assert model.encoder.shared_gate.head.in_features == 8 + 1  # the cues and their level
     clip = event_in_noise(length=16, onset=5, offset=11, channels=8)
-    set_recording(model, True)
-    with torch.no_grad():
-        model(clip)
-    layers = recorded_layers(model)
-    first = layers[0]["gates"]
-    for layer in layers[1:]:
-        torch.testing.assert_close(layer["gates"], first)  # one detector, shared
-    offset = 0 if causal else 1  # the CLS token comes first when bidirectional
-    readout = first.shape[-1] - 1 if causal else 0
-    gates = first[0, :, readout, offset + 1 : offset + 17]  # the signal tokens' gates
+    gates = readout_gates(model, clip, signal_tokens=16)
     assert (gates[:, 5] > 0.9).all() and (gates[:, 11] < 0.01).all()
     assert gates.sum(-1).max() < 1.1, "the CLS/question/readout steps must not count"
 

@@ -111,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         gate_logits: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, dim); padding_mask: (B, T) True = pad; coords: (T, n_axes) long or None;
-        gate_logits: (B, H, T) from the model's shared gate (CoPE's change gate) or None."""
+        gate_logits: (B, H, T) from the model's shared gate (CoPE's change or rise gate) or None."""
         if coords is None:
             coords = line_coords(x.shape[1], x.device)
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)

@@ -236,8 +236,8 @@ class CoPE(nn.Module):
         key_padding_mask: Tensor | None = None,
         gate_logits: Tensor | None = None,
     ) -> Tensor:
-        """Attention with this layer's gate; ``gate_logits`` (B, H, T) for the token and change
-        gates."""
+        """Attention with this layer's gate; ``gate_logits`` (B, H, T) for the token, change and
+        rise gates."""
         return cope_attention(
             q,
             k,

@@ -36,13 +36,13 @@ Gate variants (``gate=``; the maths above is ``"qk"``, the paper's, unchanged):
   (B, H, T), e.g. a small linear head w_h . x_j + b_h on each token's layer input.
 - ``"change"``: the same per-key gate g_ij = sigmoid(l_j); its logits come from a change
   detector on the encoder's input, shared by every layer
-  (:class:`encoders.positions.ChangeGate`): l_jh = a_h . phi(x_j - x_{j-1}) + b_h, with no
-  change at the first token of the signal. This function takes the logits as inputs, like the
-  token gate's.
+  (:class:`encoders.positions.ChangeGate`): l_jh = a_h . phi(x_j - x_{j-L}) + b_h (L: 1, or
+  the patches per step for video patch tokens), with no change at the first token of the
+  signal. This function takes the logits as inputs, like the token gate's.
 - ``"rise"``: the same per-key gate; its logits come from what rose in the frontend's raw input
   features since the same place one time step earlier (:class:`encoders.positions.RiseGate`):
-  l_jh = a_h . relu(c_j - c_{j-lag}) + b_h on clip-standardised features c, so an onset opens
-  it and an offset does not.
+  l_jh = a_h . [relu(d_j), relu(mean_c d_jc)] + b_h, d_j = c_j - c_{j-L} on clip-standardised
+  features c, so an onset opens it and an offset does not.
 
 Masked keys get g = 0 in every variant; attention scores stay q_i . k_j / sqrt(d).
 

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 class FrontendOutput(NamedTuple):
     """Tokens (B, T', dim), padding mask (B, T') or None, coordinates (T', n_axes) or None.
 
-    ``leading``: tokens before the signal (a question token); CoPE's change gate measures no
-    change into the signal's first token.
+    ``leading``: tokens before the signal (a question token or question frames); CoPE's change
+    gate measures no change into the signal's first token, its rise gate compares that token
+    with the clip's mean.
     ``cues`` (B, T', cue_dim): each token's raw input features (stacked log-mel frames, tubelet
     pixels), which CoPE's rise gate compares with those ``lag`` tokens earlier: the same place
     one time step before (1 for a sequence of steps, the patches per step for patch tokens);
@@ -215,6 +216,8 @@ class VideoFrontend(nn.Module):
     mask (B, T) is subsampled like :class:`FeatureFrontend`'s. Cues: each patch token's tubelet
     pixels (lag: the patches per step, so a patch is compared with itself one step earlier);
     for ``"mlp-max"`` the max over the patches of the tubelet pixels, like its token.
+    ``question_steps``: leading tubelet steps that pose a question (moving-shapes' glyph frames),
+    not signal: their tokens are the output's ``leading`` ones.
     """
 
     TOKENIZERS = ("mlp-max", "patches", "linear")
@@ -225,6 +228,7 @@ class VideoFrontend(nn.Module):
         dim: int,
         tubelet: tuple[int, int, int] = (2, 8, 8),
         tokenizer: str = "mlp-max",
+        question_steps: int = 0,
     ) -> None:
         super().__init__()
         if tokenizer not in self.TOKENIZERS:
@@ -232,6 +236,7 @@ class VideoFrontend(nn.Module):
                 f"unknown video tokenizer {tokenizer!r}; choose one of {', '.join(self.TOKENIZERS)}"
             )
         self.channels, self.dim, self.tokenizer = channels, dim, tokenizer
+        self.question_steps = question_steps
         self.tubelet = tuple(int(size) for size in tubelet)
         patch = channels * self.tubelet[0] * self.tubelet[1] * self.tubelet[2]
         self.cue_dim = patch
@@ -257,7 +262,11 @@ class VideoFrontend(nn.Module):
         patches = self.embed(pixels)  # (B, steps, nh*nw, dim)
         if self.tokenizer == "mlp-max":
             return FrontendOutput(
-                patches.max(dim=2).values, mask, None, cues=pixels.max(dim=2).values
+                patches.max(dim=2).values,
+                mask,
+                None,
+                leading=self.question_steps,
+                cues=pixels.max(dim=2).values,
             )
         steps, per_step = patches.shape[1], patches.shape[2]
         grid = (height // patch_h, width // patch_w)
@@ -268,6 +277,7 @@ class VideoFrontend(nn.Module):
             rearrange(patches, "b t p d -> b (t p) d"),
             mask,
             coords,
+            leading=self.question_steps * per_step,
             cues=rearrange(pixels, "b t p c -> b (t p) c"),
             lag=per_step,
         )

@@ -555,13 +555,16 @@ class RiseGate(SharedGate):
     frontend's cues c (B, T, C): stacked log-mel frames, tubelet pixels; for token j, head h::
 
         c'_j  = (c_j - mean) / std                  (over the clip's signal tokens and channels)
-        d_j   = c'_j - c'_{j-lag}                   (the change since one time step earlier)
+        d_j   = c'_j - c'_{j-lag}                   (the change since one time step earlier;
+                                                     c'_{j-lag} := 0, the clip's mean, where
+                                                     token j-lag is not a signal token)
         r_j   = [relu(d_j), relu(mean_c d_jc)]      (what rose per channel; the level's rise)
         l_jh  = a_h . r_j + b_h
 
     Standardising per clip makes the thresholds scale-free and leaves them unchanged when a clip
     is played slower (the spread of its frames does not change; a per-token one would). d_j = 0
-    where token j or j-lag is not a signal token, as in :class:`ChangeGate`. The two kinds of
+    where token j is not a signal token; the signal's first step is compared with the clip's
+    mean, so an event that starts the clip counts (unlike :class:`ChangeGate`). The two kinds of
     rise complement each other: per channel, a shape appearing in a patch; the level, a sound
     starting in noise (frame-to-frame noise averages out in the mean over channels, but not in
     the mean of its rises, ~0.18 clip standard deviations per channel on audio-events), and a
@@ -602,7 +605,9 @@ class RiseGate(SharedGate):
         count = (weight.sum(dim=(1, 2)) * cues.shape[-1]).clamp(min=1)[:, None, None]
         mean = (cues * weight).sum(dim=(1, 2), keepdim=True) / count
         spread = (((cues - mean) * weight).square().sum(dim=(1, 2), keepdim=True) / count).sqrt()
-        change = lagged_difference((cues - mean) / spread.clamp(min=1e-5), signal_mask, lag)
+        standard = (cues - mean) / spread.clamp(min=1e-5)
+        before = F.pad(standard * weight, (0, 0, lag, 0))[:, : cues.shape[1]]  # 0 off the signal
+        change = (standard - before) * weight
         return F.relu(torch.cat((change, change.mean(dim=-1, keepdim=True)), dim=-1))
 
     def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:

@@ -333,7 +333,10 @@ def build_video_classifier(config: Config, info: dict[str, Any]) -> nn.Module:
         encoder = encoder_config({**config, "model.max_len": max_len, "model.npos": npos})
     except (ValueError, TypeError) as error:
         raise UserError(f"bad model option: {error}") from error
-    frontend: nn.Module = VideoFrontend(int(info["channels"]), encoder.dim, tubelet, tokenizer)
+    question_steps = math.ceil(int(info.get("question_frames", 0)) / tubelet[0])
+    frontend: nn.Module = VideoFrontend(
+        int(info["channels"]), encoder.dim, tubelet, tokenizer, question_steps
+    )
     if spatial == "learned":
         frontend = SpatialEmbedding(frontend, grid)
     return SequenceClassifier(frontend, encoder, int(info["num_classes"]))

@@ -170,6 +170,26 @@ def test_model_reads_the_question_and_answers_every_split(built) -> None:
     assert not torch.allclose(*same)  # the answer depends on the question asked
 
 
+@pytest.mark.parametrize("gate", ["rise", "change", "onset"])
+def test_model_gives_the_same_logits_alone_and_in_a_padded_batch(built, gate: str) -> None:
+    recipe, bundle = built
+    config = {**SMALL_CONFIG, "model.cope_gate": gate, "model.causal": False}
+    model = recipe.build_model(config, bundle.info).eval()
+    with torch.no_grad():  # CoPE's zero-initialised tables would hide the positions
+        for name, parameter in model.named_parameters():
+            if name.endswith("pos_emb"):
+                parameter.normal_()
+    items = [bundle.splits["more-events"].dataset[i] for i in range(4)]
+    lengths = [item["inputs"].shape[0] for item in items]
+    batch = pad_collate(items)
+    assert len(set(lengths)) > 1
+    shortest = lengths.index(min(lengths))
+    with torch.no_grad():
+        together = model(batch["inputs"], batch["padding_mask"])
+        alone = model(items[shortest]["inputs"][None])
+    torch.testing.assert_close(together[shortest], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def test_example_signal_marks_event_onsets(built) -> None:
     recipe, bundle = built
     item = bundle.splits["test"].dataset[0]

@@ -2,8 +2,9 @@
 
 Specification (docs/cope-maths.md, "The rise gate"): clip-standardised cues, differenced against
 the same place one time step earlier (``lag``), only the rises counted; a rise opens the gate
-and the matching fall does not; scale-free and unchanged when every frame is shown twice; no
-rise at the signal's first token or next to a non-signal token; padding changes nothing; the
+and the matching fall does not; scale-free and unchanged when every frame is shown twice; the
+signal's first step compared with the clip's mean; non-signal tokens never open; padding
+changes nothing; the
 same attention maths as the other per-key gates on every path (reference and fused kernel:
 tests/test_cope_change_gate.py checks both shared gates there).
 """
@@ -91,18 +92,23 @@ def test_a_clip_shown_at_half_speed_rises_as_much_at_its_onset():
     torch.testing.assert_close(slow_logits[0, :, 1::2], closed[:, None].expand(2, 30))
 
 
-def test_first_token_non_signal_neighbours_and_padding_measure_no_rise():
+def test_the_first_signal_step_rises_from_the_clips_mean_and_non_signal_tokens_never_open():
     gate = RiseGate(cue_dim=4, heads=2)
     cues = torch.randn(2, 7, 4)
     x = torch.zeros(2, 7, 8)
     closed = gate.head.bias
-    torch.testing.assert_close(gate(x, None, cues)[:, :, 0], closed.expand(2, 2))
     signal = torch.ones(2, 7, dtype=torch.bool)
     signal[:, 0] = False  # a CLS token
     signal[1, 5:] = False  # padding of the second sequence
     logits = gate(x, signal, cues)
-    for b, t in [(0, 0), (0, 1), (1, 0), (1, 1), (1, 5), (1, 6)]:
+    for b, t in [(0, 0), (1, 0), (1, 5), (1, 6)]:
         torch.testing.assert_close(logits[b, :, t], closed, msg=f"token {t} of {b}")
+    clip = cues[1, 1:5]  # the second sequence's signal
+    first = (clip[0] - clip.mean()) / clip.std(unbiased=False)  # against the mean: 0
+    rises = torch.cat((first.relu(), first.mean().relu()[None]))
+    torch.testing.assert_close(logits[1, :, 1], gate.head(rises))
+    alone = gate(x[:1, :4], None, cues[1:, 1:5])  # the same clip alone, no CLS, no padding
+    torch.testing.assert_close(alone[0], logits[1, :, 1:5])
     padded = cues.clone()
     padded[1, 5:] = 1e3  # whatever the padding holds: the clip's statistics skip it
     torch.testing.assert_close(gate(x, signal, padded), logits)

@@ -221,16 +221,25 @@ def test_tubelets_round_trip_and_group_pixels_of_one_patch() -> None:
 @pytest.mark.parametrize(
     ("pe", "tokenizer"),
     [("cope", "mlp-max"), ("abs", "mlp-max"), ("sin", "mlp-max"), ("rope", "mlp-max"),
-     ("rope", "patches"), ("cope", "patches")],
+     ("rope", "patches"), ("cope", "patches"), ("cope[rise]", "mlp-max"),
+     ("cope[rise]", "patches"), ("cope[change]", "patches")],
 )  # fmt: skip
 def test_model_gives_the_same_logits_alone_and_in_a_padded_batch(
     bundle, pe: str, tokenizer: str
 ) -> None:
     recipe = MovingShapes()
+    pe, _, gate = pe.rstrip("]").partition("[")
     options = {**recipe.presets["tiny"], "model.pe": pe, "model.tokenizer": tokenizer}
+    if gate:
+        options["model.cope_gate"] = gate
+    torch.manual_seed(0)
     if tokenizer == "patches":
         options["model.spatial_pe"] = "learned"
     model = recipe.build_model(options, bundle.info).eval()
+    with torch.no_grad():  # CoPE's zero-initialised tables would hide the positions
+        for name, parameter in model.named_parameters():
+            if name.endswith("pos_emb"):
+                parameter.normal_()
     items = [bundle.train[index] for index in range(4)]
     lengths = [item["inputs"].shape[0] for item in items]
     batch = pad_collate(items)
@@ -241,6 +250,16 @@ def test_model_gives_the_same_logits_alone_and_in_a_padded_batch(
         alone = model(items[shortest]["inputs"][None])
     assert together.shape == (4, bundle.info["num_classes"])
     torch.testing.assert_close(together[shortest], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("tokenizer", "leading"), [("mlp-max", 1), ("patches", 16)])
+def test_the_question_frames_are_not_signal_for_the_gates(bundle, tokenizer, leading) -> None:
+    """The glyph tubelet leads the clip: its tokens are the frontend's leading ones."""
+    recipe = MovingShapes()
+    options = {**recipe.presets["tiny"], "model.tokenizer": tokenizer, "model.cope_gate": "rise"}
+    model = recipe.build_model(options, bundle.info)
+    front = model.frontend(bundle.train[0]["inputs"][None])
+    assert front.leading == leading and front.lag == leading
 
 
 def test_example_signal_marks_the_token_where_each_shape_appears(bundle) -> None:

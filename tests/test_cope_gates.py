@@ -141,7 +141,7 @@ def test_token_gates_ignore_the_query():
     [
         ("onset", {}, "gate_keys"),
         ("token", {}, "gate_logits"),
-        ("qk", {"gate_logits": torch.zeros(1, 1, 3)}, "only used by the token and change gates"),
+        ("qk", {"gate_logits": torch.zeros(1, 1, 3)}, r"only used by the per-key gates \(token"),
         ("frames", {}, "unknown CoPE gate"),
     ],
 )

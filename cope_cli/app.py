@@ -709,8 +709,9 @@ def sweep_command(
 
     Keys: recipes = ["counting"], pes = ["cope", "abs"], seeds = 2, preset = "..." (optional).
 
-    Tables: [options] for every run; [[variants]] (each with a name, optionally its own pes)
-    as option sets; [tune] (or --tune, which replaces it): options chosen per encoding on val.
+    Tables: \\[options] for every run; \\[\\[variants]] (each with a name,
+    optionally its own pes) as option sets; \\[tune] (or --tune, which
+    replaces it): options chosen per encoding on val.
     Example file: sweeps/gates.toml (CoPE gate variants vs baselines).
 
     Example: cope sweep sweep.toml --out runs/sweep1 --tune train.lr=3e-4,1e-3,3e-3
@@ -801,7 +802,8 @@ def table_command(
         str, typer.Option(help="main, questions (per question) or alignment (event alignment).")
     ] = "main",
     std: Annotated[
-        bool, typer.Option("--std", help="Cells mean ± std [interval] instead of mean [interval].")
+        bool,
+        typer.Option("--std", help="Cells mean ± std \\[interval] instead of mean \\[interval]."),
     ] = False,
 ) -> None:
     """Print one markdown table over every group of a report, for README.md.

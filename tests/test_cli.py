@@ -56,6 +56,14 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "Example: cope " + command in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [("sweep", "[options] for every run; [[variants]]"), ("table", "mean ± std [interval]")],
+)
+def test_help_keeps_bracketed_words_that_rich_would_take_for_markup(command, text) -> None:
+    assert text in " ".join(cope(command, "--help").output.replace("│", " ").split())
+
+
 def test_bench_is_mounted_as_a_sub_command() -> None:
     result = cope("bench", "--help")
     assert result.exit_code == 0 and "attention" in result.output

@@ -16,7 +16,13 @@ from recipes.base import UserError, get_recipe
 from recipes.engine import rundir
 from recipes.engine.compare import Job, parse_tune_options, select_by_val
 from recipes.engine.config import resolve_config
-from recipes.engine.report import build_report, steps_to_reach, t_quantile, t_quantile_975
+from recipes.engine.report import (
+    build_report,
+    encoding_label,
+    steps_to_reach,
+    t_quantile,
+    t_quantile_975,
+)
 from recipes.engine.runs import evaluate_run
 from recipes.engine.trainer import TrainOptions, train
 
@@ -112,6 +118,18 @@ def test_tuning_chooses_by_val_only_even_when_test_disagrees():
     by_pe = {selection["pe"]: selection for selection in selections}
     assert by_pe["cope"]["chosen"] == "train.lr=0.001"
     assert [c["val"] for c in by_pe["abs"]["candidates"]] == pytest.approx([0.60, 0.70])
+
+
+def test_tuning_reports_a_cope_gate_under_the_tables_label():
+    """The choice for CoPE with a gate variant is listed under its row, e.g. cope[onset]."""
+    jobs, evaluations = [], []
+    for lr, val in ((1e-3, 0.7), (2e-3, 0.9)):
+        config = {"model.pe": "cope", "model.cope_gate": "onset", "train.seed": 0, "train.lr": lr}
+        jobs.append(Job("counting", config, None, tuned=(("train.lr", lr),)))
+        evaluations.append({"splits": {"val": {"accuracy": val}}})
+    _, (selection,) = select_by_val(jobs, evaluations)
+    assert selection["pe"] == encoding_label(jobs[0].config) == "cope[onset]"
+    assert selection["chosen"] == "train.lr=0.002"
 
 
 def test_tune_option_parses_values_and_refuses_what_compare_sets():

@@ -28,7 +28,7 @@ from recipes.engine.config import (
     resolve_config,
 )
 from recipes.engine.parallel import Task, train_parallel
-from recipes.engine.report import build_report, make_output_dir
+from recipes.engine.report import build_report, encoding_label, make_output_dir
 from recipes.engine.trainer import RunResult, TrainObserver, TrainOptions, train
 
 
@@ -44,8 +44,9 @@ class Job:
 
     @property
     def selection_group(self) -> tuple[str, str, str]:
-        """The jobs tuning chooses among: one recipe, variant and encoding."""
-        return (self.recipe, self.variant, self.config["model.pe"])
+        """The jobs tuning chooses among: one recipe, variant and encoding (as tables label it,
+        so that a CoPE gate variant's choice is reported under its row)."""
+        return (self.recipe, self.variant, encoding_label(self.config))
 
     @property
     def tuned_label(self) -> str:

@@ -52,6 +52,13 @@ from recipes.files import write_atomic, write_text_atomic
 # shown as an encoding of its own, e.g. "cope[onset]", beside the baselines).
 _RUN_KEYS = ("model.pe", "train.seed", "model.cope_gate")
 
+def encoding_label(config: Config) -> str:
+    """An encoding as tables show it: model.pe, with a non-default CoPE gate in brackets."""
+    pe = config["model.pe"]
+    gate = config.get("model.cope_gate", "qk")
+    return f"{pe}[{gate}]" if pe.startswith("cope") and gate not in (None, "qk") else pe
+
+
 # Convergence: steps to first reach this fraction of the group's best validation accuracy.
 THRESHOLD_FRACTION = 0.95
 
@@ -167,9 +174,7 @@ class RunRecord:
     @property
     def pe(self) -> str:
         """The encoding's label: model.pe, with a non-default CoPE gate appended in brackets."""
-        pe = self.config["model.pe"]
-        gate = self.config.get("model.cope_gate", "qk")
-        return f"{pe}[{gate}]" if pe.startswith("cope") and gate not in (None, "qk") else pe
+        return encoding_label(self.config)
 
     @property
     def seed(self) -> int:

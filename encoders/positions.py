@@ -497,6 +497,11 @@ class SharedGate(nn.Module):
             raise ValueError(f"{type(self).__name__} needs the frontend's cues (Encoder(cues=))")
         return self.logits(source, signal_mask, lag).transpose(1, 2)
 
+    @classmethod
+    def from_spec(cls, spec: PositionSpec) -> SharedGate:
+        """The gate for a model described by ``spec``."""
+        raise NotImplementedError
+
     def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:
         """Gate logits (B, T, H) of x or the cues."""
         raise NotImplementedError
@@ -536,6 +541,11 @@ class ChangeGate(SharedGate):
             self.project.weight.copy_(torch.eye(dim))
             self.head.weight.fill_(self.SHARPNESS / dim)
             self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
+
+    @classmethod
+    def from_spec(cls, spec: PositionSpec) -> ChangeGate:
+        """A detector over the model width."""
+        return cls(spec.dim, spec.heads)
 
     def changes(self, x: Tensor, signal_mask: Tensor | None = None, lag: int = 1) -> Tensor:
         """d_j = W (n_j - n_{j-lag}), (B, T, dim): 0 at the first token and off the signal."""
@@ -594,6 +604,11 @@ class RiseGate(SharedGate):
             self.head.weight[:, cue_dim].fill_(self.LEVEL_SHARPNESS)
             self.head.bias.fill_(-self.SHARPNESS * self.THRESHOLD)
 
+    @classmethod
+    def from_spec(cls, spec: PositionSpec) -> RiseGate:
+        """A detector over the frontend's cues."""
+        return cls(spec.cue_dim, spec.heads)
+
     def rises(self, cues: Tensor, signal_mask: Tensor | None = None, lag: int = 1) -> Tensor:
         """r_j = [relu(d_j), relu(mean_c d_jc)], (B, T, C + 1), of clip-standardised cues."""
         cues = cues.float()
@@ -613,6 +628,10 @@ class RiseGate(SharedGate):
     def logits(self, source: Tensor, signal_mask: Tensor | None, lag: int) -> Tensor:
         """l = a . r + b, (B, T, H), of the cues (in the head's dtype)."""
         return self.head(self.rises(source, signal_mask, lag).to(self.head.weight.dtype))
+
+
+# The gates whose logits one model-level module computes for every layer, by gate name.
+SHARED_GATES: dict[str, type[SharedGate]] = {"change": ChangeGate, "rise": RiseGate}
 
 
 @register_position_encoding("cope")
@@ -660,11 +679,8 @@ class ContextualPositions(PositionEncoding):
     @classmethod
     def shared_gate(cls, spec: PositionSpec) -> nn.Module | None:
         """The model's :class:`ChangeGate` or :class:`RiseGate`; None for the other gates."""
-        if spec.cope_gate == "change":
-            return ChangeGate(spec.dim, spec.heads)
-        if spec.cope_gate == "rise":
-            return RiseGate(spec.cue_dim, spec.heads)
-        return None
+        gate = SHARED_GATES.get(spec.cope_gate)
+        return None if gate is None else gate.from_spec(spec)
 
     def gate_inputs(
         self, k: Tensor, layer_input: Tensor | None, shared_logits: Tensor | None = None
@@ -676,7 +692,7 @@ class ContextualPositions(PositionEncoding):
             if layer_input is None:
                 raise ValueError("the token gate needs the layer input (attend(layer_input=x))")
             return None, self.gate_head(layer_input).transpose(1, 2)  # (B, H, T)
-        if self.spec.cope_gate in ("change", "rise"):
+        if self.spec.cope_gate in SHARED_GATES:
             if shared_logits is None:
                 gate = self.spec.cope_gate
                 raise ValueError(f"the {gate} gate needs the model's logits (attend(gate_logits=))")

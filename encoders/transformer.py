@@ -190,8 +190,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         encoding = get_position_encoding(config.pe)
-        self.input_positions = encoding.input_encoding(config.position_spec())
-        self.shared_gate = encoding.shared_gate(replace(config.position_spec(), cue_dim=cue_dim))
+        spec = replace(config.position_spec(), cue_dim=cue_dim)
+        self.input_positions = encoding.input_encoding(spec)
+        self.shared_gate = encoding.shared_gate(spec)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()

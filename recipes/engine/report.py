@@ -52,6 +52,7 @@ from recipes.files import write_atomic, write_text_atomic
 # shown as an encoding of its own, e.g. "cope[onset]", beside the baselines).
 _RUN_KEYS = ("model.pe", "train.seed", "model.cope_gate")
 
+
 def encoding_label(config: Config) -> str:
     """An encoding as tables show it: model.pe, with a non-default CoPE gate in brackets."""
     pe = config["model.pe"]
